@@ -257,7 +257,9 @@ class CLIPVizConfig(PretrainedConfig):
     sub_configs = {"text_config": CLIPVizTextConfig, "vision_config": CLIPVizVisionConfig}
     PRESET_NAMES = tuple(PRESETS)
 
-    def __init__(self, text_config=None, vision_config=None, projection_dim=512, logit_scale_init_value=2.6592, **kwargs):
+    def __init__(
+        self, text_config=None, vision_config=None, projection_dim=512, logit_scale_init_value=2.6592, **kwargs
+    ):
         self.text_config = self._sub_config(CLIPVizTextConfig, text_config, "text_config")
         self.vision_config = self._sub_config(CLIPVizVisionConfig, vision_config, "vision_config")
         self.projection_dim = projection_dim

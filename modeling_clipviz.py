@@ -581,9 +581,7 @@ class CLIPVizModel(CLIPVizPreTrainedModel):
         """
         config = self.config
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        )
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         return_dict = return_dict if return_dict is not None else config.return_dict
         if input_ids is None or pixel_values is None:
             raise ValueError(
