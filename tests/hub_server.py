@@ -5,8 +5,8 @@ speaks just enough of the Hub's HTTP API for `huggingface_hub` (2.4, classic non
 to create repos, push commits (regular and git-LFS files), branch, open pull requests and download, against
 `http://127.0.0.1:<port>`. It is stdlib only and keeps everything in memory.
 
-Use it as a context manager or through the `hub_server` pytest fixture (bring the fixture in with
-`pytest_plugins = ["tests.hub_server"]`):
+Use it as a context manager or through the `hub_server` pytest fixture: import `hub_server_fixture` into a test
+module (the import registers it), or list "tests.hub_server" in a conftest's `pytest_plugins`.
 
     with HubServer() as server:
         api = HfApi(endpoint=server.url, token=server.token)
@@ -75,9 +75,17 @@ _LFS_JSON = "application/vnd.git-lfs+json"
 class _HttpError(Exception):
     """An error answer; `code` becomes the `X-Error-Code` header huggingface_hub maps to its exception classes."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        extra: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.extra = headers or {}, extra or {}
 
 
 class _ConnectionCut(Exception):
@@ -262,7 +270,7 @@ def _json(payload: object, status: int = 200, content_type: str = "application/j
 
 
 def _error_response(error: _HttpError) -> _Response:
-    response = _json({"error": error.message}, error.status)
+    response = _json({"error": error.message, **error.extra}, error.status)
     header_safe = error.message.encode("ascii", "backslashreplace").decode()
     response.headers.update({"X-Error-Message": header_safe, **error.headers})
     if error.code:
@@ -362,7 +370,7 @@ class _HubState:
         repo_id = f"{body.get('organization') or USER}/{body['name']}"
         if (repo_type, repo_id) in self.repos:
             url = self.repos[(repo_type, repo_id)].url(request.base_url)
-            raise _HttpError(409, f"You already created this {repo_type} repo: {url}")
+            raise _HttpError(409, f"You already created this {repo_type} repo", extra={"url": url})
         private = bool(body.get("private")) or body.get("visibility") == "private"
         repo = self.repos[(repo_type, repo_id)] = _Repo(repo_type, repo_id, private)
         return _json({"url": repo.url(request.base_url), "name": repo_id, "id": repo_id})
@@ -799,13 +807,14 @@ class HubServer:
         return self
 
     def kill(self) -> None:
-        """Die abruptly: cut every open connection without an answer, then stop listening."""
+        """Die abruptly: stop listening, then cut every open connection without an answer. In that order, so that
+        a client whose request was cut and who tries again finds the port closed."""
         with self._lifecycle:
             httpd, self._httpd = self._httpd, None
             if httpd is not None:
-                httpd.cut_connections()
                 httpd.shutdown()
                 httpd.server_close()
+                httpd.cut_connections()
 
     def restart(self) -> "HubServer":
         self.kill()
@@ -842,8 +851,8 @@ class HubServer:
         self.kill()
 
 
-@pytest.fixture
-def hub_server() -> Iterator[HubServer]:
+@pytest.fixture(name="hub_server")
+def hub_server_fixture() -> Iterator[HubServer]:
     """A fresh, running HubServer per test."""
     with HubServer() as server:
         yield server
