@@ -66,7 +66,6 @@ USER = "hub-tester"
 _REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_COMMIT_ID = re.compile(r"[0-9a-f]{40}")
 _READ_CHUNK = 64 * 1024
 _LFS_BATCH_PATH = ["info", "lfs", "objects", "batch"]
 _LFS_JSON = "application/vnd.git-lfs+json"
@@ -108,11 +107,14 @@ def _lfs_pointer(sha256: str, size: int) -> bytes:
     return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
 
 
-def upload_mode(path: str, size: int, sample: bytes) -> str:
-    """The module docstring's rule, shared by the preupload answer and the commit check."""
-    if path.endswith(LFS_SUFFIXES) or size >= LFS_MIN_SIZE or b"\0" in sample[:512]:
-        return "lfs"
-    return "regular"
+def _large_or_binary(size: int, sample: bytes) -> bool:
+    """What the Hub refuses to take inline in a commit."""
+    return size >= LFS_MIN_SIZE or b"\0" in sample[:512]
+
+
+def _upload_mode(path: str, size: int, sample: bytes) -> str:
+    """The preupload answer, by the rule in the module docstring."""
+    return "lfs" if path.endswith(LFS_SUFFIXES) or _large_or_binary(size, sample) else "regular"
 
 
 @dataclass(frozen=True)
@@ -507,7 +509,7 @@ class _HubState:
         commit = self._repo(request, repo_type, repo_id, write=True).resolve("/".join(args))
         answers = []
         for file in request.json().get("files", []):
-            mode = upload_mode(file["path"], int(file["size"]), base64.b64decode(file.get("sample", "")))
+            mode = _upload_mode(file["path"], int(file["size"]), base64.b64decode(file.get("sample", "")))
             existing = commit.files.get(file["path"])
             oid = existing.remote_oid() if existing else None
             answers.append({"path": file["path"], "uploadMode": mode, "shouldIgnore": False, "oid": oid})
@@ -564,18 +566,15 @@ class _HubState:
         files = dict(base.files)
         for line in lines[1:]:
             _apply_operation(repo, files, line.get("key"), line.get("value") or {})
-        answer = {"success": True, "hookOutput": ""}
+        commit = base
+        if create_pr or files != base.files:
+            commit = _Commit.make(base, files, header.get("summary") or "Commit", header.get("description") or "")
+            repo.add_commit(ref, commit)
+        repo_url = repo.url(request.base_url)
+        answer = {"success": True, "commitOid": commit.oid, "commitUrl": f"{repo_url}/commit/{commit.oid}"}
         if create_pr:
-            answer["pullRequestUrl"] = f"{repo.url(request.base_url)}/discussions/{ref.rsplit('/', 1)[1]}"
-        elif files == base.files:
-            return _json(
-                {**answer, "commitOid": base.oid, "commitUrl": f"{repo.url(request.base_url)}/commit/{base.oid}"}
-            )
-        commit = _Commit.make(base, files, header.get("summary") or "Commit", header.get("description") or "")
-        repo.add_commit(ref, commit)
-        return _json(
-            {**answer, "commitOid": commit.oid, "commitUrl": f"{repo.url(request.base_url)}/commit/{commit.oid}"}
-        )
+            answer["pullRequestUrl"] = f"{repo_url}/discussions/{ref.rsplit('/', 1)[1]}"
+        return _json(answer)
 
     # -- downloads --------------------------------------------------------------------------------------------
 
@@ -633,7 +632,7 @@ def _apply_operation(repo: _Repo, files: dict[str, _Blob], key: str | None, valu
     path = _checked_path(value.get("path"))
     if key == "file":
         data = base64.b64decode(value.get("content", ""))
-        if data and upload_mode("", len(data), data) == "lfs":
+        if _large_or_binary(len(data), data):
             raise _HttpError(400, f"Your push was rejected: {path} is binary or too large and must go through LFS")
         files[path] = _Blob.make(data, lfs=False)
     elif key == "lfsFile":
@@ -734,6 +733,7 @@ class _Handler(BaseHTTPRequestHandler):
             yield chunk
 
     def _write(self, response: _Response) -> None:
+        """Every answer closes its connection, so that a kill never strands a client on a pooled one."""
         try:
             self.send_response(response.status)
             for name, value in response.headers.items():
@@ -842,6 +842,7 @@ class HubServer:
             "HF_HUB_DISABLE_XET": "1",
             "HF_HUB_CACHE": str(cache_dir),
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_OFFLINE": "0",
         }
 
     def __enter__(self) -> "HubServer":

@@ -86,6 +86,15 @@ def test_create_repo_conflicts_unless_exist_ok(api: HfApi, hub_server: HubServer
     assert api.list_repo_files(REPO) == [".gitattributes"]
 
 
+def test_dataset_repos_live_under_their_own_prefix(api: HfApi, hub_server: HubServer, tmp_path: Path) -> None:
+    assert api.create_repo(REPO, repo_type="dataset") == f"{hub_server.url}/datasets/{REPO}"
+    api.upload_file(path_or_fileobj=WEIGHTS, path_in_repo="data.bin", repo_id=REPO, repo_type="dataset")
+    path = hf_hub_download(REPO, "data.bin", repo_type="dataset", endpoint=hub_server.url, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == WEIGHTS
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info(REPO)
+
+
 def test_upload_folder_then_download(
     api: HfApi, hub_server: HubServer, folder: Path, pushed: str, tmp_path: Path
 ) -> None:
@@ -187,11 +196,19 @@ def test_tokens_decide_who_may_write(hub_server: HubServer, pushed: str) -> None
             client.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=REPO)
         assert refused.value.response.status_code == status
     assert anonymous.model_info(REPO).sha == pushed
+    assert HfApi(endpoint=hub_server.url, token=hub_server.read_token).whoami()["name"] == USER
     status, _, body = raw(hub_server, "POST", "/api/repos/create", {"name": "other"})
     assert (status, json.loads(body)["error"]) == (
         401,
         "You must be authenticated to do this: send Authorization: Bearer <token>",
     )
+
+
+def test_private_repos_need_a_token_to_be_seen(api: HfApi, hub_server: HubServer) -> None:
+    api.create_repo(REPO, private=True)
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub_server.url, token=False).model_info(REPO)
+    assert HfApi(endpoint=hub_server.url, token=hub_server.read_token).model_info(REPO).private
 
 
 def test_missing_repo_revision_and_entry(api: HfApi, hub_server: HubServer, pushed: str, tmp_path: Path) -> None:
@@ -240,7 +257,7 @@ def test_lfs_objects_are_checked_before_a_commit_may_use_them(hub_server: HubSer
     status, _, body = raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", commit, **auth)
     assert status == 400 and b"never uploaded" in body
 
-    assert raw(hub_server, "PUT", href, content)[0] == 200
+    assert raw(hub_server, "PUT", href, iter([content[:5], content[5:]]))[0] == 200, "chunked transfer encoding"
     _, _, batch = raw(hub_server, "POST", f"/{REPO}.git/info/lfs/objects/batch", batch_request, **auth)
     assert "actions" not in json.loads(batch)["objects"][0]
     assert raw(hub_server, "POST", f"/api/models/{REPO}/commit/main", commit, **auth)[0] == 200
