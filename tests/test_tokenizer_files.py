@@ -1,0 +1,225 @@
+"""The tokenizer files written by ``clipviz.tokenizer_files`` against OpenAI's own ``SimpleTokenizer``.
+
+OpenAI's ``clip.tokenize`` lives in ``clip/clip.py``, which imports torchvision, so it is re-created here from
+``SimpleTokenizer`` exactly as ``clip.tokenize`` does it (start + text + end, zero padding, optional truncation).
+"""
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPTokenizer
+
+from clipviz.tokenizer_files import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    bpe_path,
+    build_openai_vocab,
+    load_openai_bpe_merges,
+    openai_clean_text,
+    write_tokenizer_files,
+)
+from tests.openai_reference import openai_clip_dir, openai_model_module, openai_tokenizer_module
+
+SOT, EOT = 49406, 49407
+
+# Texts on which the Hugging Face tokenizer must give exactly OpenAI's ids.
+SAME = [
+    "a photo of a cat",
+    "A PHOTO OF A DOG, IN UPPER CASE",
+    "Hello, World!!! ... ?!? (parentheses) [brackets] {braces} #hash @at $5 50% a+b=c ~tilde~ `code`",
+    "don't can't we'll I'M they've she's you'd I'd've",
+    "rock'n'roll o'clock 'quoted' \"double\"",
+    "café naïve résumé Ångström Zürich façade jalapeño",
+    "e\u0301 decomposed accent (NFC composes it on both sides)",
+    "東京タワーの写真 中文字符 한국어 문장",
+    "Привет мир, Ελληνικά γράμματα, עברית, العربية, हिन्दी",
+    "🐱🐶 emoji 👍🏽 👨‍👩‍👧 🇫🇷 ❤️",
+    "a\t\tb\n\nc   d \r\n e\u00a0f\u3000g\u2028h",
+    "   leading and trailing spaces   ",
+    "",
+    "   ",
+    "3.14159 1234567 2024-01-01 10,000 ½ ² Ⅻ",
+    "İstanbul ß ẞ straße",
+    "<|endoftext|> literal special tokens <|startoftext|>",
+    "<|ENDOFTEXT|> upper-case special token",
+    "x\u200by zero-width space, a\u200db joiner",
+    "snake_case CamelCase kebab-case dot.separated path/to/file.png https://example.com/?q=1&r=2",
+    "AT&T R&D Q&A",
+]
+
+# Texts where OpenAI's clean-up (ftfy, html.unescape, str.lower, its regex) changes the text: raw ids differ,
+# ids of openai_clean_text(text) match. Documented in clipviz/tokenizer_files.py.
+DIFFERENT = [
+    "fish &amp; chips &lt;b&gt; &quot;hi&quot; &#39;x&#39;",  # HTML entities
+    "&amp;amp;amp; nested entity",
+    "cafÃ© mojibake, donâ€™t",  # mojibake that ftfy repairs
+    "it’s a “curly” ‘quote’",  # ftfy uncurls quotes
+    "ﬁsh ﬂower ǅ",  # Latin ligatures
+    "ＡＢＣ full-width １２３",  # full-width forms
+    "a\x1cb control char \x7f",  # control characters ftfy removes
+    "a\x85b C1 control",  # C1 control ftfy reads as windows-1252
+    "\ufeffbyte order mark",
+    "\x1b[31mred\x1b[0m terminal escapes",
+    "ΟΔΟΣ final capital sigma",  # Python str.lower gives final ς
+    "a\u0345b ypogegrammeni",  # dropped by OpenAI's case-insensitive regex
+]
+
+# Even pre-cleaned, this differs: '<' stops ftfy's HTML decoding, html.unescape then yields e + U+0301, which
+# OpenAI keeps decomposed and the tokenizer's NFC composes.
+PRECLEAN_EXCEPTION = "<e&#769;"
+
+
+@pytest.fixture(scope="module")
+def simple_tokenizer():
+    return openai_tokenizer_module().SimpleTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer_files(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_dir):
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def openai_ids(simple_tokenizer, text):
+    return [SOT, *simple_tokenizer.encode(text), EOT]
+
+
+def openai_tokenize(simple_tokenizer, texts, context_length=77, truncate=False):
+    """OpenAI's ``clip.tokenize``, line for line."""
+    result = torch.zeros(len(texts), context_length, dtype=torch.int)
+    for i, text in enumerate(texts):
+        tokens = openai_ids(simple_tokenizer, text)
+        if len(tokens) > context_length:
+            if not truncate:
+                raise RuntimeError(f"Input {text} is too long for context length {context_length}")
+            tokens = tokens[:context_length]
+            tokens[-1] = EOT
+        result[i, : len(tokens)] = torch.tensor(tokens)
+    return result
+
+
+def test_written_files_and_config(tokenizer_dir):
+    names = {p.name for p in tokenizer_dir.iterdir()}
+    assert names == {"vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"}
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "CLIPTokenizer"
+    assert config["model_max_length"] == 77
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
+    special = json.loads((tokenizer_dir / "special_tokens_map.json").read_text())
+    assert special["bos_token"]["content"] == BOS_TOKEN and special["pad_token"]["content"] == EOS_TOKEN
+    merges = (tokenizer_dir / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert merges[0] == "#version: 0.2" and len(merges) == 1 + 49152 - 256 - 2
+
+
+def test_vocab_is_openais_encoder(tokenizer_dir, simple_tokenizer):
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text(encoding="utf-8"))
+    assert list(vocab.items()) == list(simple_tokenizer.encoder.items())
+    assert build_openai_vocab() == simple_tokenizer.encoder and len(vocab) == 49408
+    assert vocab[BOS_TOKEN] == SOT and vocab[EOS_TOKEN] == EOT
+    assert load_openai_bpe_merges() == list(simple_tokenizer.bpe_ranks)
+
+
+def test_shipped_merges_file_is_openais():
+    shipped = hashlib.sha256(bpe_path().read_bytes()).hexdigest()
+    original = hashlib.sha256((openai_clip_dir() / "bpe_simple_vocab_16e6.txt.gz").read_bytes()).hexdigest()
+    assert shipped == original
+
+
+def test_loads_as_clip_tokenizer(tokenizer_dir, hf_tokenizer):
+    assert isinstance(hf_tokenizer, CLIPTokenizer)
+    assert hf_tokenizer.model_max_length == 77
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (SOT, EOT, EOT)
+    direct = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    for text in SAME + DIFFERENT:
+        assert direct(text)["input_ids"] == hf_tokenizer(text)["input_ids"], text
+
+
+@pytest.mark.parametrize("text", SAME)
+def test_same_ids_as_openai(hf_tokenizer, simple_tokenizer, text):
+    assert hf_tokenizer(text)["input_ids"] == openai_ids(simple_tokenizer, text)
+
+
+@pytest.mark.parametrize("text", DIFFERENT)
+def test_documented_differences_are_fixed_by_clean_text(hf_tokenizer, simple_tokenizer, text):
+    expected = openai_ids(simple_tokenizer, text)
+    assert hf_tokenizer(text)["input_ids"] != expected
+    assert hf_tokenizer(openai_clean_text(text))["input_ids"] == expected
+
+
+def test_difference_rule(hf_tokenizer):
+    """The documented rule: raw ids match exactly when the tokenizer's normalizer yields OpenAI's cleaned text."""
+    normalize = hf_tokenizer.backend_tokenizer.normalizer.normalize_str
+    for text in SAME:
+        assert normalize(text).strip() == openai_clean_text(text), text
+    for text in DIFFERENT:
+        assert normalize(text).strip() != openai_clean_text(text), text
+
+
+def test_clean_text_exception(hf_tokenizer, simple_tokenizer):
+    expected = openai_ids(simple_tokenizer, PRECLEAN_EXCEPTION)
+    assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION))["input_ids"] != expected
+    assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION.replace("<", "")))["input_ids"] == openai_ids(
+        simple_tokenizer, PRECLEAN_EXCEPTION.replace("<", ""))
+
+
+def test_clean_text_is_harmless_on_same(hf_tokenizer, simple_tokenizer):
+    for text in SAME:
+        assert hf_tokenizer(openai_clean_text(text))["input_ids"] == openai_ids(simple_tokenizer, text), text
+
+
+def test_empty_string(hf_tokenizer):
+    assert hf_tokenizer("")["input_ids"] == [SOT, EOT]
+
+
+def test_max_length_padding_vs_clip_tokenize(hf_tokenizer, simple_tokenizer):
+    texts = ["a photo of a cat", "", "a much longer caption with several words, some punctuation and 42 numbers"]
+    ours = hf_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
+    theirs = openai_tokenize(simple_tokenizer, texts)
+    eot_pos = theirs.argmax(-1)
+    position = torch.arange(77)
+    valid = position[None, :] <= eot_pos[:, None]
+    assert torch.equal(ours["attention_mask"].bool(), valid)
+    assert torch.equal(ours["input_ids"][valid], theirs.long()[valid])
+    assert (ours["input_ids"][~valid] == EOT).all()  # HF pads with <|endoftext|>, OpenAI with 0
+    assert torch.equal(ours["input_ids"].argmax(-1), eot_pos)  # argmax finds the first end-of-text
+
+
+def test_pad_token_padding_gives_openai_text_features(hf_tokenizer, simple_tokenizer):
+    """Padding with 49407 instead of 0 leaves OpenAI's text features unchanged (first-argmax pooling, causal mask)."""
+    torch.manual_seed(0)
+    model = openai_model_module().CLIP(16, 32, 1, 64, 16, 77, 49408, 32, 2, 2).eval()
+    texts = ["a photo of a cat", "two dogs playing in the snow, at night", ""]
+    with torch.no_grad():
+        ours = model.encode_text(hf_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"])
+        theirs = model.encode_text(openai_tokenize(simple_tokenizer, texts).long())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_truncation_matches_clip_tokenize_truncate(hf_tokenizer, simple_tokenizer):
+    texts = ["word " * 100, "a " + "very, " * 80 + "long caption", "short"]
+    ours = hf_tokenizer(texts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")
+    theirs = openai_tokenize(simple_tokenizer, texts, truncate=True)
+    valid = ours["attention_mask"].bool()
+    assert torch.equal(ours["input_ids"][valid], theirs.long()[valid])
+    assert valid[:2].all()
+    for text, row in zip(texts[:2], ours["input_ids"][:2], strict=True):
+        full = openai_ids(simple_tokenizer, text)
+        assert len(full) > 77
+        assert row.tolist() == full[:76] + [EOT]
+    untruncated = hf_tokenizer(texts[0])["input_ids"]
+    assert untruncated == openai_ids(simple_tokenizer, texts[0])  # without truncation, every id is returned
+
+
+def test_context_length_and_validation(tmp_path):
+    write_tokenizer_files(tmp_path, context_length=32)
+    assert AutoTokenizer.from_pretrained(tmp_path).model_max_length == 32
+    with pytest.raises(ValueError, match="context_length"):
+        write_tokenizer_files(tmp_path, context_length=1)
