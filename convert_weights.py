@@ -102,13 +102,19 @@ def _require(state_dict: Mapping, key: str) -> torch.Tensor:
     return state_dict[key]
 
 
-def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], **overrides) -> CLIPVizConfig:
+def config_from_openai_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    hidden_act: str = "quick_gelu",
+    text_heads: int | None = None,
+    vision_heads: int | None = None,
+    **overrides,
+) -> CLIPVizConfig:
     """The architecture of an OpenAI CLIP state dict, inferred from tensor shapes as OpenAI's `build_model` does.
 
-    `hidden_act` ("quick_gelu" as OpenAI, or "gelu" for some open_clip models) applies to both towers; other
-    `overrides` are top-level config fields.
+    `hidden_act` ("quick_gelu" as OpenAI, or "gelu" for some open_clip models) applies to both towers. Head
+    counts are not stored in checkpoints: OpenAI's rule (64-wide heads) applies unless `text_heads` /
+    `vision_heads` say otherwise. Other `overrides` are top-level config fields.
     """
-    hidden_act = overrides.pop("hidden_act", "quick_gelu")
     if "visual.proj" in state_dict:
         conv = _require(state_dict, "visual.conv1.weight")
         width, patch_size = conv.shape[0], conv.shape[-1]
@@ -117,7 +123,7 @@ def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], **over
             "backbone": "vit",
             "hidden_size": width,
             "num_hidden_layers": _count_blocks(state_dict, "visual.transformer.resblocks"),
-            "num_attention_heads": width // 64,
+            "num_attention_heads": vision_heads or width // 64,
             "patch_size": patch_size,
             "image_size": patch_size * grid,
             "hidden_act": hidden_act,
@@ -132,7 +138,7 @@ def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], **over
             "backbone": "resnet",
             "resnet_layers": [_count_blocks(state_dict, f"visual.layer{stage}") for stage in (1, 2, 3, 4)],
             "resnet_width": width,
-            "num_attention_heads": width * 32 // 64,
+            "num_attention_heads": vision_heads or width * 32 // 64,
             "image_size": grid * 32,
         }
     text_width = _require(state_dict, "ln_final.weight").shape[0]
@@ -143,7 +149,7 @@ def config_from_openai_state_dict(state_dict: Mapping[str, torch.Tensor], **over
         "bos_token_id": vocab_size - 2,
         "eos_token_id": vocab_size - 1,
         "hidden_size": text_width,
-        "num_attention_heads": text_width // 64,
+        "num_attention_heads": text_heads or text_width // 64,
         "num_hidden_layers": _count_blocks(state_dict, "transformer.resblocks"),
         "max_position_embeddings": _require(state_dict, "positional_embedding").shape[0],
         "hidden_act": hidden_act,
@@ -185,9 +191,15 @@ def map_openai_state_dict(state_dict: Mapping[str, torch.Tensor], model: CLIPViz
 def from_openai_state_dict(
     state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32, **config_overrides
 ) -> CLIPVizModel:
-    """A `CLIPVizModel` (eval mode, `dtype`) holding an OpenAI CLIP state dict (fp16 or fp32 tensors)."""
+    """A `CLIPVizModel` (eval mode, `dtype`) holding an OpenAI CLIP state dict (fp16 or fp32 tensors).
+
+    The model is built on the meta device and takes the checkpoint's tensors without a copy (no random
+    initialization, no second copy of a large checkpoint): where their dtype already is `dtype`, the model's
+    parameters share memory with `state_dict`.
+    """
     config = config_from_openai_state_dict(state_dict, **config_overrides)
-    model = CLIPVizModel(config)
+    with torch.device("meta"):
+        model = CLIPVizModel(config)
     mapped = map_openai_state_dict(state_dict, model)
-    model.load_state_dict(mapped, strict=True)
+    model.load_state_dict(mapped, strict=True, assign=True)
     return model.to(dtype).eval()
