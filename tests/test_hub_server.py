@@ -12,6 +12,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2
@@ -65,7 +66,7 @@ def download(server: HubServer, tmp_path: Path, filename: str, revision: str | N
     return Path(path).read_bytes()
 
 
-def raw(server: HubServer, method: str, path: str, body: bytes | dict | None = None, **headers: str):
+def raw(server: HubServer, method: str, path: str, body: bytes | dict | Iterator[bytes] | None = None, **headers: str):
     """One plain HTTP call as (status, headers, body), for protocol details the client libraries hide."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
     url = path if path.startswith("http") else server.url + path
