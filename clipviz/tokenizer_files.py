@@ -90,8 +90,10 @@ def load_openai_bpe_merges(path: str | os.PathLike | None = None) -> list[tuple[
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     bad = [i for i, m in enumerate(merges) if len(m) != 2]
     if len(merges) != _NUM_MERGES or bad:
-        raise ValueError(f"{path or bpe_path()} is not OpenAI's CLIP merges file: expected {_NUM_MERGES} merge "
-                         f"lines of two symbols, got {len(merges)} lines ({len(bad)} malformed)")
+        raise ValueError(
+            f"{path or bpe_path()} is not OpenAI's CLIP merges file: expected {_NUM_MERGES} merge "
+            f"lines of two symbols, got {len(merges)} lines ({len(bad)} malformed)"
+        )
     return merges  # type: ignore[return-value]
 
 
@@ -115,8 +117,9 @@ def openai_clean_text(text: str) -> str:
         import ftfy
         import regex  # OpenAI's whitespace_clean uses this module's \s, which differs from `re`'s
     except ImportError as e:
-        raise ImportError("openai_clean_text needs ftfy and regex, as OpenAI's tokenizer does: "
-                          "`pip install ftfy regex`") from e
+        raise ImportError(
+            "openai_clean_text needs ftfy and regex, as OpenAI's tokenizer does: `pip install ftfy regex`"
+        ) from e
     text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
     return regex.sub(r"\s+", " ", text).strip().lower().replace("\u0345", " ")
 
@@ -127,25 +130,45 @@ def _build_backend_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import BPE
 
-    tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="</w>", fuse_unk=False, unk_token=UNK_TOKEN))
+    tokenizer = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+            unk_token=UNK_TOKEN,
+        )
+    )
     tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(BOS_TOKEN, special=True, normalized=True),
-                                  AddedToken(EOS_TOKEN, special=True, normalized=True)])
+    tokenizer.add_special_tokens(
+        [AddedToken(BOS_TOKEN, special=True, normalized=True), AddedToken(EOS_TOKEN, special=True, normalized=True)]
+    )
     tokenizer.post_processor = processors.RobertaProcessing(
-        (EOS_TOKEN, vocab[EOS_TOKEN]), (BOS_TOKEN, vocab[BOS_TOKEN]), trim_offsets=False, add_prefix_space=False)
+        (EOS_TOKEN, vocab[EOS_TOKEN]), (BOS_TOKEN, vocab[BOS_TOKEN]), trim_offsets=False, add_prefix_space=False
+    )
     return tokenizer
 
 
 def _special_token_entry(token: str) -> dict[str, object]:
-    return {"content": token, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False,
-            "special": True}
+    return {
+        "content": token,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+        "special": True,
+    }
 
 
 def _tokenizer_config(vocab: dict[str, int], context_length: int) -> dict[str, object]:
@@ -165,8 +188,9 @@ def _tokenizer_config(vocab: dict[str, int], context_length: int) -> dict[str, o
     }
 
 
-def write_tokenizer_files(out_dir: str | os.PathLike, context_length: int = 77,
-                          merges_path: str | os.PathLike | None = None) -> list[Path]:
+def write_tokenizer_files(
+    out_dir: str | os.PathLike, context_length: int = 77, merges_path: str | os.PathLike | None = None
+) -> list[Path]:
     """Write ``vocab.json``, ``merges.txt``, ``tokenizer.json``, ``special_tokens_map.json`` and
     ``tokenizer_config.json`` for OpenAI's CLIP tokenizer into ``out_dir``; return the written paths.
 
@@ -183,10 +207,14 @@ def write_tokenizer_files(out_dir: str | os.PathLike, context_length: int = 77,
     files = {
         "vocab.json": json.dumps(vocab, indent=2, ensure_ascii=False) + "\n",
         "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-        "special_tokens_map.json": _dumps({"bos_token": _special_token_entry(BOS_TOKEN),
-                                           "eos_token": _special_token_entry(EOS_TOKEN),
-                                           "pad_token": _special_token_entry(PAD_TOKEN),
-                                           "unk_token": _special_token_entry(UNK_TOKEN)}),
+        "special_tokens_map.json": _dumps(
+            {
+                "bos_token": _special_token_entry(BOS_TOKEN),
+                "eos_token": _special_token_entry(EOS_TOKEN),
+                "pad_token": _special_token_entry(PAD_TOKEN),
+                "unk_token": _special_token_entry(UNK_TOKEN),
+            }
+        ),
         "tokenizer_config.json": _dumps(_tokenizer_config(vocab, context_length)),
     }
     written = []

@@ -167,7 +167,8 @@ def test_clean_text_exception(hf_tokenizer, simple_tokenizer):
     expected = openai_ids(simple_tokenizer, PRECLEAN_EXCEPTION)
     assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION))["input_ids"] != expected
     assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION.replace("<", "")))["input_ids"] == openai_ids(
-        simple_tokenizer, PRECLEAN_EXCEPTION.replace("<", ""))
+        simple_tokenizer, PRECLEAN_EXCEPTION.replace("<", "")
+    )
 
 
 def test_clean_text_is_harmless_on_same(hf_tokenizer, simple_tokenizer):
@@ -198,7 +199,9 @@ def test_pad_token_padding_gives_openai_text_features(hf_tokenizer, simple_token
     model = openai_model_module().CLIP(16, 32, 1, 64, 16, 77, 49408, 32, 2, 2).eval()
     texts = ["a photo of a cat", "two dogs playing in the snow, at night", ""]
     with torch.no_grad():
-        ours = model.encode_text(hf_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"])
+        ours = model.encode_text(
+            hf_tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        )
         theirs = model.encode_text(openai_tokenize(simple_tokenizer, texts).long())
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
