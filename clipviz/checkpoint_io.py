@@ -7,8 +7,9 @@ Checkpoints come from strangers on the internet, and a pickle can run arbitrary 
   them with a restricted unpickler that can only rebuild tensors; the archive's own classes (``__torch__.*``)
   become inert attribute holders, and which attributes are parameters or buffers is read from the class headers
   in ``code/`` as text. The result is exactly ``torch.jit.load(f).state_dict()``.
-* Plain ``torch.save`` files go through ``torch.load(weights_only=True)`` only, and are refused outright when
-  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set (some torch versions let it silently turn the safety off).
+* Plain ``torch.save`` files go through ``torch.load(weights_only=True)`` only, and are refused outright while
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` is set. (torch 2.6+ still honours an explicit ``weights_only=True`` under
+  that variable, but its purpose is to switch safe loading off, so clipviz does not bet on that detail.)
 * ``.safetensors`` files hold no code; their header is checked first so a damaged file gives a clear message.
 
 :func:`read_state_dict` picks the reader from the file's content, not its name.
@@ -42,6 +43,7 @@ __all__ = [
     "DownloadError",
     "OPENAI_BASE_URL",
     "OPENAI_URLS",
+    "BASE_URL_ENV",
     "TorchScriptCheckpoint",
     "default_openai_cache_dir",
     "detect_checkpoint_format",
@@ -52,6 +54,7 @@ __all__ = [
     "read_torch_pickle_state_dict",
     "read_torchscript",
     "read_torchscript_state_dict",
+    "validate_safetensors_header",
 ]
 
 
@@ -94,7 +97,7 @@ def detect_checkpoint_format(path: str | os.PathLike) -> str:
         with _open_zip(path) as zf:
             prefix = _archive_prefix(zf, path)
             return TORCHSCRIPT if _is_torchscript(zf, prefix) else TORCH_ZIP
-    if _looks_like_safetensors(head) or path.suffix == ".safetensors":
+    if _looks_like_safetensors(head):
         return SAFETENSORS
     if head[:1] == b"\x80":  # pickle PROTO opcode: legacy (pre-1.6, non-zip) torch.save format
         return TORCH_PICKLE
@@ -216,8 +219,10 @@ def read_torch_pickle_state_dict(path: str | os.PathLike) -> dict[str, torch.Ten
 
 
 def _refuse_unsafe_torch_load_env(path: Path) -> None:
-    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` turns torch.load's safe mode off (in some versions even when
-    ``weights_only=True`` is passed), which would let a malicious pickle run code. Refuse rather than guess."""
+    """``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` exists to switch torch.load's safe unpickler off. torch 2.6+ only
+    applies it to calls that do not pass ``weights_only``, but a checkpoint reader should not depend on that
+    (nor on every wrapper of torch.load in the process respecting it), so loading pickles is refused while it is set.
+    """
     if os.getenv(_UNSAFE_LOAD_ENV, "0").lower() in _TORCH_TRUE_VALUES:
         raise CheckpointError(
             f"refusing to load {path} while {_UNSAFE_LOAD_ENV} is set: it can make torch.load "

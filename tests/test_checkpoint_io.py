@@ -558,6 +558,13 @@ def test_not_a_checkpoint(tmp_path, content, message):
         read_state_dict(path)
 
 
+def test_png_named_safetensors(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a checkpoint: it looks like a PNG image"):
+        read_state_dict(path)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.pt")
