@@ -1,0 +1,168 @@
+"""Forward speed, side by side in one run: clipviz vs transformers' CLIPModel (sdpa, eager) vs OpenAI's code.
+
+For ViT-B/16 and RN50 (transformers has no ResNet CLIP), batch 1 and 16, fp32 and bf16: the full CLIP forward
+(images + as many 77-token texts), without and with attentions. Prints a markdown table and the ratios the
+project targets: clipviz plain <= 1.0x the fastest peer, with attentions <= 1.05x clipviz plain, bf16 >= 2x fp32.
+
+    python benchmarks/bench_forward.py [--repeats 3] [--archs ViT-B/16 RN50] [--batches 1 16]
+"""
+
+import argparse
+import copy
+import datetime
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configuration_clipviz import CLIPVizConfig  # noqa: E402
+from convert_weights import from_openai_state_dict  # noqa: E402
+from tests.openai_reference import randomized_openai_clip  # noqa: E402
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def transformers_clip(config: CLIPVizConfig, implementation: str, dtype):
+    """transformers' CLIPModel with the same ViT architecture (random weights: only speed is compared here)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = config.text_config, config.vision_config
+    hf_config = CLIPConfig(
+        text_config={
+            "hidden_size": text.hidden_size,
+            "intermediate_size": text.intermediate_size,
+            "num_hidden_layers": text.num_hidden_layers,
+            "num_attention_heads": text.num_attention_heads,
+            "hidden_act": "quick_gelu",
+        },
+        vision_config={
+            "hidden_size": vision.hidden_size,
+            "intermediate_size": vision.intermediate_size,
+            "num_hidden_layers": vision.num_hidden_layers,
+            "num_attention_heads": vision.num_attention_heads,
+            "patch_size": vision.patch_size,
+            "image_size": vision.image_size,
+            "hidden_act": "quick_gelu",
+        },
+        projection_dim=config.projection_dim,
+    )
+    hf_config._attn_implementation = implementation
+    return CLIPModel(hf_config).to(dtype).eval()
+
+
+def inputs(config: CLIPVizConfig, batch: int, dtype):
+    size = config.vision_config.image_size
+    images = torch.randn(batch, 3, size, size).to(dtype)
+    texts = torch.randint(1, 49405, (batch, 77))
+    texts[:, 0], texts[:, 20] = 49406, 49407
+    return images, texts
+
+
+def openai_in_dtype(reference, dtype):
+    """OpenAI's model in `dtype` the way its own fp16 conversion does it: LayerNorm parameters stay fp32."""
+    model = copy.deepcopy(reference).to(dtype)
+    for module in model.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+    return model
+
+
+def call_clipviz(model, images, texts, output_attentions=False):
+    return model(input_ids=texts, pixel_values=images, output_attentions=output_attentions)
+
+
+def call_openai(model, images, texts):
+    return model(images, texts)
+
+
+def peers_for(config: CLIPVizConfig, reference, dtype) -> dict:
+    """The implementations clipviz is compared with, each a callable `(images, texts)`."""
+    peers = {"openai": partial(call_openai, openai_in_dtype(reference, dtype))}
+    if config.vision_config.backbone == "vit":  # transformers has no ResNet CLIP
+        sdpa, eager = (transformers_clip(config, impl, dtype) for impl in ("sdpa", "eager"))
+        peers["transformers-sdpa"] = partial(call_clipviz, sdpa)
+        peers["transformers-eager"] = partial(call_clipviz, eager)
+        peers["transformers-eager+attn"] = partial(call_clipviz, eager, output_attentions=True)
+    return peers
+
+
+def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
+    config = CLIPVizConfig.from_preset(name)
+    reference = randomized_openai_clip(config)
+    rows = []
+    for dtype in dtypes:
+        ours = from_openai_state_dict(reference.state_dict(), dtype=dtype)
+        runs = {
+            "clipviz": partial(call_clipviz, ours),
+            "clipviz+attn": partial(call_clipviz, ours, output_attentions=True),
+            **peers_for(config, reference, dtype),
+        }
+        for batch in batches:
+            images, texts = inputs(config, batch, dtype)
+            row = {"arch": name, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
+            with torch.no_grad():
+                for label, run in runs.items():
+                    row[label] = median_seconds(partial(run, images, texts), repeats)
+            rows.append(row)
+            print(f"  measured {name} batch {batch} {row['dtype']}", file=sys.stderr, flush=True)
+    return rows
+
+
+def ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def report(rows: list[dict]) -> str:
+    peers = ("openai", "transformers-sdpa", "transformers-eager", "transformers-eager+attn")
+    lines = [
+        "| arch | batch | dtype | clipviz | clipviz+attn | "
+        + " | ".join(peers)
+        + " | clipviz / fastest peer | +attn / clipviz | bf16 speed-up |",
+        "|" + "---|" * (9 + len(peers) - 2),
+    ]
+    fp32 = {(r["arch"], r["batch"]): r["clipviz"] for r in rows if r["dtype"] == "float32"}
+    for r in rows:
+        fastest_peer = min(r[p] for p in ("openai", "transformers-sdpa", "transformers-eager") if p in r)
+        speedup = ratio(fp32.get((r["arch"], r["batch"])), r["clipviz"]) if r["dtype"] == "bfloat16" else ""
+        cells = [f"{r[p] * 1000:.0f} ms" if p in r else "n/a" for p in peers]
+        lines.append(
+            f"| {r['arch']} | {r['batch']} | {r['dtype']} | {r['clipviz'] * 1000:.0f} ms | "
+            f"{r['clipviz+attn'] * 1000:.0f} ms | "
+            + " | ".join(cells)
+            + f" | {ratio(r['clipviz'], fastest_peer)} | {ratio(r['clipviz+attn'], r['clipviz'])} | {speedup} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archs", nargs="+", default=["ViT-B/16", "RN50"], choices=CLIPVizConfig.PRESET_NAMES)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    dtypes = [getattr(torch, d) for d in args.dtypes]
+    rows = [row for name in args.archs for row in bench_arch(name, args.batches, dtypes, args.repeats)]
+    print(
+        f"clipviz forward benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}\n"
+    )
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    main()
