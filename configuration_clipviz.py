@@ -98,8 +98,8 @@ class CLIPVizVisionConfig(PretrainedConfig):
         hidden_size (`int`, defaults to 768): ViT width. For ResNet it is the feature width `resnet_width * 32`
             (derived when omitted).
         num_hidden_layers (`int`, defaults to 12): ViT blocks (ignored for ResNet, which uses `resnet_layers`).
-        num_attention_heads (`int`, defaults to 12): ViT heads per block, or the ResNet attention-pool heads
-            (OpenAI uses `resnet_width * 32 // 64`).
+        num_attention_heads (`int`, *optional*): ViT heads per block (default 12), or the ResNet attention-pool
+            heads (default `resnet_width * 32 // 64`, as OpenAI).
         patch_size (`int`, defaults to 32): ViT patch size (ignored for ResNet).
         intermediate_size (`int`, *optional*): ViT MLP width, defaults to `4 * hidden_size`.
         resnet_layers (`list[int]`, defaults to `[3, 4, 6, 3]`): Bottleneck blocks in each of the 4 ResNet stages.
@@ -118,7 +118,7 @@ class CLIPVizVisionConfig(PretrainedConfig):
         num_channels=3,
         hidden_size=None,
         num_hidden_layers=12,
-        num_attention_heads=12,
+        num_attention_heads=None,
         patch_size=32,
         intermediate_size=None,
         resnet_layers=(3, 4, 6, 3),
@@ -135,6 +135,8 @@ class CLIPVizVisionConfig(PretrainedConfig):
             hidden_size = resnet_width * 32 if backbone == "resnet" else 768
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
+        if num_attention_heads is None:  # OpenAI's 64-wide heads
+            num_attention_heads = resnet_width * 32 // 64 if backbone == "resnet" else 12
         self.num_attention_heads = num_attention_heads
         self.patch_size = patch_size
         self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
