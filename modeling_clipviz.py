@@ -495,12 +495,454 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
 
 
 # ---- Explanations ----
+# Where does CLIP look for a prompt? `CLIPVizModel.explain` (from `CLIPVizExplainMixin`) answers for every image x
+# prompt pair in one call. Both towers run once for all pairs; gradient methods then ask autograd only for the
+# tensors they read (attention weights from `start_layer` on, or one layer's tokens), with one vmapped backward per
+# side whose batch is the other side's count, never a full `backward()` per prompt.
+
+EXPLAIN_METHODS = ("attention", "rollout", "relevance", "gradcam")
+_BACKBONE_METHODS = {"vit": EXPLAIN_METHODS, "resnet": ("attention", "relevance", "gradcam")}
+_HEAD_CHOICES = ("mean", "max")
+_ROLLOUT_FUSIONS = ("mean", "max", "min")
+OVERLAY_COLORMAPS = ("jet", "viridis", "inferno", "gray")
+
+
+@dataclass
+class CLIPVizExplanationOutput(ModelOutput):
+    """Output of [`CLIPVizExplainMixin.explain`]: one map per image x prompt pair.
+
+    Args:
+        image_maps (`torch.FloatTensor` of shape `[num_images, num_texts, grid_h, grid_w]`): where the image tower
+            looks, on its token grid (ViT patches, or the ResNet attention-pool grid), row-major as in the image.
+            Non-negative, each map scaled to a maximum of 1 (an all-zero map stays zero). Upsample and blend it with
+            [`overlay`].
+        text_maps (`torch.FloatTensor` of shape `[num_images, num_texts, seq_len]`): how much each token of each
+            prompt matters, on the same scale (maximum 1 per map); 0 on padding and after the first end-of-text
+            token. The start and end-of-text tokens are included; drop them for display if you like.
+        logits_per_image (`torch.FloatTensor` of shape `[num_images, num_texts]`): the model's scaled cosine
+            similarities for the same pairs, as in [`CLIPVizModel.forward`].
+    """
+
+    image_maps: torch.FloatTensor | None = None
+    text_maps: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+
+
+def _valid_explain_options(method: str, backbone: str) -> dict[str, Any]:
+    """The options a method accepts on a backbone, with their defaults."""
+    if method == "attention":
+        return {"layer": -1, "head": "mean", "text_layer": -1}
+    if method == "rollout":
+        return {"head_fusion": "mean", "discard_ratio": 0.0}
+    if method == "relevance":
+        options = {"start_layer": -1, "start_layer_text": -1}
+        if backbone == "resnet":  # one attention layer: nothing to start from
+            del options["start_layer"]
+        return options
+    return {}  # gradcam
+
+
+def _check_choice_option(name: str, value, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"`{name}`={value!r} is not valid here; valid values: {', '.join(map(repr, valid))}.")
+
+
+def _check_layer(name: str, value, num_layers: int) -> int:
+    """A Python-style layer index (negative counts from the end), returned non-negative."""
+    valid = list(range(-num_layers, num_layers))
+    if isinstance(value, bool) or not isinstance(value, int) or value not in valid:
+        raise ValueError(f"`{name}`={value!r} is out of range; valid values: {valid[0]} .. {valid[-1]}.")
+    return value % num_layers
+
+
+def _resolve_explain_options(method: str, options: dict, backbone: str, heads: int, layers: int, text) -> dict:
+    """Validate `options` for `method` on this model; return every option with defaults filled in and layer
+    indices made non-negative. `heads`/`layers` describe the image tower, `text` is the text config."""
+    if method not in EXPLAIN_METHODS:
+        raise ValueError(f"Unknown explanation method {method!r}; valid methods: {', '.join(EXPLAIN_METHODS)}.")
+    if method not in _BACKBONE_METHODS[backbone]:
+        raise ValueError(
+            f"Method {method!r} is not available for the {backbone} backbone; valid methods: "
+            f"{', '.join(_BACKBONE_METHODS[backbone])}."
+        )
+    defaults = _valid_explain_options(method, backbone)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        valid = ", ".join(defaults) if defaults else "none"
+        raise ValueError(f"Unknown option(s) {unknown} for method {method!r} on {backbone}; valid options: {valid}.")
+    resolved = {**defaults, **options}
+    for name in ("layer", "start_layer"):
+        if name in resolved:
+            resolved[name] = _check_layer(name, resolved[name], layers)
+    for name in ("text_layer", "start_layer_text"):
+        if name in resolved:
+            resolved[name] = _check_layer(name, resolved[name], text.num_hidden_layers)
+    if "head" in resolved:
+        valid_heads = list(range(min(heads, text.num_attention_heads))) + list(_HEAD_CHOICES)
+        _check_choice_option("head", resolved["head"], valid_heads)
+    if "head_fusion" in resolved:
+        _check_choice_option("head_fusion", resolved["head_fusion"], _ROLLOUT_FUSIONS)
+    if "discard_ratio" in resolved:
+        ratio = resolved["discard_ratio"]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+            raise ValueError(f"`discard_ratio`={ratio!r} must be a number in [0, 1).")
+    return resolved
+
+
+def _fuse_heads(weights: torch.Tensor, head) -> torch.Tensor:
+    """Select one head or fuse them: `[..., heads, q, k]` -> `[..., q, k]`."""
+    if head == "mean":
+        return weights.mean(dim=-3)
+    if head == "max":
+        return weights.amax(dim=-3)
+    if head == "min":
+        return weights.amin(dim=-3)
+    return weights[..., head, :, :]
+
+
+def _scale_to_max_one(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Clamp at 0 and divide each map (over `dims`) by its maximum; all-zero maps stay zero."""
+    maps = maps.clamp(min=0)
+    peak = maps.amax(dim=dims, keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _text_valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`[T, L]` bool: tokens up to and including the first end-of-text token (OpenAI's argmax), minus padding."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    valid = positions[None, :] <= input_ids.argmax(dim=-1)[:, None]  # [T, L]
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    return valid
+
+
+def _eot_rows(matrices: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Row of each prompt's end-of-text token: `[..., T, L, L]` -> `[..., T, L]` (the prompt axis is dim -3)."""
+    eot = input_ids.argmax(dim=-1)  # [T]
+    index = eot.view(-1, 1, 1).expand(*matrices.shape[:-2], 1, matrices.shape[-1])  # [..., T, 1, L]
+    return matrices.gather(-2, index).squeeze(-2)  # [..., T, L]
+
+
+def _batched_grads(target: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor) -> list[torch.Tensor]:
+    """d(cotangents[k] . target)/d(inputs) for every k, as one vmapped backward: `[K, *input.shape]` each.
+
+    Only the graph between `target` and `inputs` is run (autograd prunes the rest, and parameter gradients are
+    never computed), which is what keeps explanations cheap.
+    """
+    return list(torch.autograd.grad(target, inputs, grad_outputs=cotangents, retain_graph=True, is_grads_batched=True))
+
+
+def _one_hot_cotangents(num_images: int, num_texts: int, per: str, like: torch.Tensor) -> torch.Tensor:
+    """Cotangents selecting one logit per (image, text) pair, batched along one side.
+
+    `per="text"`: `[T, I, T]`, entry k picks column k, so the image tower's gradient for image i is that of
+    logit (i, k) (images are independent rows). `per="image"`: `[I, I, T]`, entry k picks row k, likewise for
+    the text tower.
+    """
+    if per == "text":
+        eye = torch.eye(num_texts, dtype=like.dtype, device=like.device)
+        return eye[:, None, :].expand(num_texts, num_images, num_texts)  # [T, I, T]
+    eye = torch.eye(num_images, dtype=like.dtype, device=like.device)
+    return eye[:, :, None].expand(num_images, num_images, num_texts)  # [I, I, T]
+
+
+def _chefer_relevance(attentions: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al. 2021: `R <- R + mean_h ReLU(dy/dA * A) @ R`, from the identity, over the given layers.
+
+    attentions: per layer `[B, heads, N, N]`; grads: per layer `[K, B, heads, N, N]` (K targets).
+    Returns `R`: `[K, B, N, N]`.
+    """
+    size = attentions[0].shape[-1]
+    batch = (grads[0].shape[0], attentions[0].shape[0])
+    relevance = torch.eye(size, dtype=torch.float32, device=attentions[0].device).expand(*batch, size, size)
+    for weights, grad in zip(attentions, grads, strict=True):
+        cam = (grad.float() * weights.detach().float()[None]).clamp(min=0).mean(dim=2)  # [K, B, N, N]
+        relevance = relevance + cam @ relevance  # [K, B, N, N]
+    return relevance
+
+
+def _rollout(attentions: list[torch.Tensor], head_fusion: str, discard_ratio: float) -> torch.Tensor:
+    """Abnar & Zuidema 2020: fuse heads, drop the weakest links, add the residual, renormalize rows, multiply.
+
+    attentions: per layer `[B, heads, N, N]`. Returns `[B, N, N]` = a_last @ ... @ a_first.
+    """
+    size = attentions[0].shape[-1]
+    eye = torch.eye(size, dtype=torch.float32, device=attentions[0].device)
+    result = eye.expand(attentions[0].shape[0], size, size)  # [B, N, N]
+    for weights in attentions:
+        fused = _fuse_heads(weights.float(), head_fusion)  # [B, N, N]
+        fused = _discard_lowest(fused, discard_ratio)
+        mixed = (fused + eye) / 2
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)  # each row sums to 1
+        result = mixed @ result  # [B, N, N]
+    return result
+
+
+def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the lowest `ratio` of each `[N, N]` map's entries, per sample, never the class->class entry."""
+    batch, size, _ = fused.shape
+    count = int(size * size * ratio)
+    if count == 0:
+        return fused
+    flat = fused.reshape(batch, size * size)  # [B, N*N]
+    ranked = flat.clone()
+    ranked[:, 0] = float("inf")  # the class token's attention to itself is never discarded
+    lowest = ranked.topk(min(count, size * size - 1), dim=-1, largest=False).indices  # [B, count]
+    return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
+
+
+def _require_grad(module, args, output):
+    """Forward hook: an output computed without grad (frozen parameters) becomes a leaf that requires grad."""
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
+_COLORMAP_HEX = {  # 11 evenly spaced stops, interpolated linearly
+    "viridis": "440154 482475 414487 355f8d 2a788e 21918c 22a884 44bf70 7ad151 bddf26 fde725",
+    "inferno": "000004 160b39 420a68 6a176e 932667 bc3754 dd513a f37819 fca50a f6d746 fcffa4",
+}
+
+
+def _apply_colormap(values: torch.Tensor, colormap: str) -> torch.Tensor:
+    """`[h, w]` values in [0, 1] -> `[h, w, 3]` RGB in [0, 1]."""
+    if colormap == "jet":
+        centers = torch.tensor([3.0, 2.0, 1.0], dtype=values.dtype)  # red, green, blue peaks of 4x
+        return (1.5 - (4 * values[..., None] - centers).abs()).clamp(0, 1)  # [h, w, 3]
+    if colormap == "gray":
+        return values[..., None].expand(*values.shape, 3)  # [h, w, 3]
+    stops = torch.tensor(
+        [[int(code[i : i + 2], 16) / 255 for i in (0, 2, 4)] for code in _COLORMAP_HEX[colormap].split()],
+        dtype=values.dtype,
+    )  # [11, 3]
+    position = values * (len(stops) - 1)
+    low = position.floor().long().clamp(max=len(stops) - 2)  # [h, w]
+    frac = (position - low)[..., None]  # [h, w, 1]
+    return stops[low] * (1 - frac) + stops[low + 1] * frac  # [h, w, 3]
+
+
+def overlay(image, map, alpha: float = 0.5, colormap: str = "jet"):
+    """Blend an explanation map over the original image and return a PIL image of the image's size.
+
+    The processor resizes the short side and centre-crops, so the map covers the centred region of the map's
+    aspect ratio (a square for square grids) at full height or width; it is upsampled bilinearly to that region
+    and blended there (`alpha` = weight of the colours), the rest of the image is left as it is.
+
+    Args:
+        image: a PIL image, or an array `[H, W, 3]` / `[H, W]` of uint8.
+        map: `[grid_h, grid_w]` tensor or array (leading size-1 dimensions are dropped), e.g.
+            `explain(...).image_maps[i, t]`; it is scaled to a maximum of 1 here.
+        alpha (`float`): in [0, 1].
+        colormap (`str`): one of `OVERLAY_COLORMAPS` ("jet", "viridis", "inferno", "gray").
+    """
+    import numpy as np
+    from PIL import Image
+
+    if colormap not in OVERLAY_COLORMAPS:
+        raise ValueError(f"Unknown colormap {colormap!r}; valid colormaps: {', '.join(OVERLAY_COLORMAPS)}.")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must lie in [0, 1], got {alpha!r}.")
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    picture = picture.convert("RGB")
+    values = torch.as_tensor(np.asarray(map.detach().cpu() if torch.is_tensor(map) else map), dtype=torch.float32)
+    while values.ndim > 2 and values.shape[0] == 1:
+        values = values[0]
+    if values.ndim != 2:
+        raise ValueError(f"`map` must be a 2-D grid [grid_h, grid_w], got shape {tuple(values.shape)}.")
+    width, height = picture.size
+    grid_h, grid_w = values.shape
+    region_w = min(width, round(height * grid_w / grid_h))
+    region_h = min(height, round(region_w * grid_h / grid_w))
+    left, top = (width - region_w) // 2, (height - region_h) // 2
+    values = values.clamp(min=0)
+    values = values / values.max() if values.max() > 0 else values
+    upsampled = F.interpolate(values[None, None], size=(region_h, region_w), mode="bilinear", align_corners=False)
+    colors = _apply_colormap(upsampled[0, 0].clamp(0, 1), colormap)  # [region_h, region_w, 3]
+    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)  # [H, W, 3]
+    region = pixels[top : top + region_h, left : left + region_w]
+    pixels[top : top + region_h, left : left + region_w] = (1 - alpha) * region + alpha * colors
+    return Image.fromarray((pixels * 255).round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+class CLIPVizExplainMixin:
+    """Adds `explain` (attention, rollout, relevance and Grad-CAM maps) and `overlay` to [`CLIPVizModel`]."""
+
+    def explain(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        method: str = "relevance",
+        **options,
+    ) -> CLIPVizExplanationOutput:
+        """Maps of where the model looks in each image, and at which tokens, for each prompt.
+
+        Every image is paired with every prompt: both towers run once, whatever the number of pairs. Call it on a
+        model in eval mode (BatchNorm of the ResNet tower uses its running statistics then).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[num_images, 3, size, size]`): processed images.
+            input_ids (`torch.LongTensor` of shape `[num_texts, length]`): tokenized prompts.
+            attention_mask (`torch.Tensor` of shape `[num_texts, length]`, *optional*): 1 for tokens, 0 for padding.
+            method (`str`): one of
+                - `"attention"`: raw attention of the class token (ViT) or of the attention pool's mean-token query
+                  (ResNet) over the grid, and of the end-of-text token over the prompt. Prompt-independent on the
+                  image side. Options: `layer` (image layer index, default -1; ResNet: its one pool, -1 or 0),
+                  `text_layer` (default -1), `head` (a head index, `"mean"` or `"max"`, default `"mean"`).
+                - `"rollout"` (ViT only): attention rollout (Abnar & Zuidema 2020) over all layers, for both towers.
+                  Options: `head_fusion` (`"mean"`, `"max"`, `"min"`), `discard_ratio` (in [0, 1): the lowest
+                  fraction of each fused image attention map is zeroed, never the class->class entry; the text
+                  tower is rolled out without discarding). Rows are renormalized after adding the identity.
+                - `"relevance"` (default): Chefer et al. 2021 gradient x attention, `R <- R + mean_h ReLU(dy/dA * A) R`
+                  from the identity, with `y` the image-prompt logit; the image map is the class token's row, the
+                  text map the end-of-text token's row minus the identity. Options: `start_layer` (ViT, first image
+                  layer used, default -1 = the last one, as Chefer's CLIP code; 0 uses every layer: sharper on small
+                  models, about twice the cost) and `start_layer_text` (default -1). ResNet: the attention pool's
+                  gradient-weighted attention `mean_h ReLU(dy/dA * A)` of the mean token over the grid.
+                - `"gradcam"`: Grad-CAM with `y` = image embedding . unit text embedding, on the last ResNet stage
+                  (channel weights = mean gradient over the grid) or on the tokens entering the last ViT block
+                  (token features weighted by their mean gradient); the text side likewise on the tokens entering
+                  the last text block, with `y` = unit image embedding . text embedding.
+
+        Returns:
+            [`CLIPVizExplanationOutput`] with `image_maps` `[num_images, num_texts, grid_h, grid_w]`, `text_maps`
+            `[num_images, num_texts, length]` and `logits_per_image` `[num_images, num_texts]`, all detached.
+
+        Raises:
+            ValueError: for an unknown method, a method or option the backbone does not support (the message lists
+                the valid ones), or an option value out of range.
+        """
+        vision_config, text_config = self.config.vision_config, self.config.text_config
+        backbone = vision_config.backbone
+        layers = vision_config.num_hidden_layers if backbone == "vit" else 1
+        resolved = _resolve_explain_options(
+            method, options, backbone, vision_config.num_attention_heads, layers, text_config
+        )
+        self._check_text(input_ids, attention_mask)
+        _check_image_size(pixel_values, vision_config, False)
+        needs_grad = method in ("relevance", "gradcam")
+        # frozen parameters must not keep the attentions out of the graph: the image side gets this from
+        # `pixel_values.requires_grad_`, the text side from a hook on the token embedding
+        hook = self.text_model.token_embedding.register_forward_hook(_require_grad) if needs_grad else None
+        try:
+            with torch.enable_grad() if needs_grad else torch.no_grad():
+                pixel_values = pixel_values.detach().requires_grad_(needs_grad)
+                towers = self._encode_for_explanations(pixel_values, input_ids, attention_mask, method == "gradcam")
+                image_maps, text_maps = getattr(self, f"_explain_{method}")(towers, input_ids, resolved)
+        finally:
+            if hook is not None:
+                hook.remove()
+        text_maps = text_maps.float() * towers["text_valid"][None].to(text_maps.dtype)  # [I, T, L]
+        return CLIPVizExplanationOutput(
+            image_maps=_scale_to_max_one(image_maps.float(), dims=(-2, -1)).detach(),
+            text_maps=_scale_to_max_one(text_maps, dims=(-1,)).detach(),
+            logits_per_image=towers["logits"].detach(),
+        )
+
+    overlay = staticmethod(overlay)
+
+    # -- shared forward
+
+    def _encode_for_explanations(self, pixel_values, input_ids, attention_mask, hidden_states: bool) -> dict:
+        """One pass of each tower with attentions (and hidden states for Grad-CAM): projected features,
+        normalized features and the logits of every pair."""
+        vision = self.vision_model(pixel_values, output_attentions=True, output_hidden_states=hidden_states)
+        text = self.text_model(input_ids, attention_mask, output_attentions=True, output_hidden_states=hidden_states)
+        image_features = self.vision_model.project(vision.pooler_output)  # [I, P]
+        text_features = text.pooler_output @ self.text_projection.to(text.pooler_output.dtype)  # [T, P]
+        image_unit = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_unit = text_features / text_features.norm(dim=-1, keepdim=True)
+        logits = self.logit_scale.exp().to(image_unit.dtype) * image_unit @ text_unit.t()  # [I, T]
+        if self.config.vision_config.backbone == "resnet":
+            grid = tuple(vision.last_hidden_state.shape[-2:])
+        else:
+            patch = self.config.vision_config.patch_size
+            grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        return {
+            "grid": grid,
+            "text_valid": _text_valid_mask(input_ids, attention_mask),  # [T, L]
+            "vision": vision,
+            "text": text,
+            "image_features": image_features,
+            "text_features": text_features,
+            "image_unit": image_unit,
+            "text_unit": text_unit,
+            "logits": logits,
+        }
+
+    # -- methods: each returns (image_maps [I, T, gh, gw], text_maps [I, T, L]) before scaling
+
+    def _explain_attention(self, towers, input_ids, options):
+        num_texts = input_ids.shape[0]
+        weights = towers["vision"].attentions[options["layer"]]  # [I, heads, q, 1 + gh*gw]
+        image = _fuse_heads(weights[:, :, :1, 1:], options["head"])[:, 0]  # [I, gh*gw]
+        text_weights = towers["text"].attentions[options["text_layer"]]  # [T, heads, L, L]
+        text = _eot_rows(_fuse_heads(text_weights, options["head"]), input_ids)  # [T, L]
+        num_images = image.shape[0]
+        image_maps = image[:, None].expand(num_images, num_texts, -1)  # [I, T, gh*gw]
+        return self._to_grid(image_maps, towers), text[None].expand(num_images, num_texts, -1)
+
+    def _explain_rollout(self, towers, input_ids, options):
+        num_texts = input_ids.shape[0]
+        image = _rollout(list(towers["vision"].attentions), options["head_fusion"], options["discard_ratio"])
+        image = image[:, 0, 1:]  # [I, gh*gw]: the class token's row, without itself
+        text = _eot_rows(_rollout(list(towers["text"].attentions), options["head_fusion"], 0.0), input_ids)  # [T, L]
+        num_images = image.shape[0]
+        image_maps = image[:, None].expand(num_images, num_texts, -1)  # [I, T, gh*gw]
+        return self._to_grid(image_maps, towers), text[None].expand(num_images, num_texts, -1)
+
+    def _explain_relevance(self, towers, input_ids, options):
+        logits = towers["logits"]
+        num_images, num_texts = logits.shape
+        start = options.get("start_layer", 0)
+        image_weights = list(towers["vision"].attentions[start:])  # ViT: layers >= start; ResNet: the pool
+        grads = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
+        if self.config.vision_config.backbone == "resnet":
+            cam = (grads[0].float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
+            image = cam[:, :, 0, 1:]  # [T, I, h*w]: the mean token's query row, grid keys only
+        else:
+            image = _chefer_relevance(image_weights, grads)[:, :, 0, 1:]  # [T, I, gh*gw]
+        text_weights = list(towers["text"].attentions[options["start_layer_text"] :])
+        text_grads = _batched_grads(logits, text_weights, _one_hot_cotangents(num_images, num_texts, "image", logits))
+        relevance = _chefer_relevance(text_weights, text_grads)  # [I, T, L, L]
+        eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
+        text = _eot_rows(relevance - eye, input_ids)  # [I, T, L]
+        return self._to_grid(image.transpose(0, 1), towers), text
+
+    def _explain_gradcam(self, towers, input_ids, options):
+        image_features, text_features = towers["image_features"], towers["text_features"]
+        num_images, num_texts = image_features.shape[0], text_features.shape[0]
+        image_target = image_features @ towers["text_unit"].detach().t()  # [I, T]
+        per_text = _one_hot_cotangents(num_images, num_texts, "text", image_target)
+        if self.config.vision_config.backbone == "resnet":
+            features = towers["vision"].last_hidden_state  # [I, C, h, w]: the last stage
+            (grad,) = _batched_grads(image_target, [features], per_text)  # [T, I, C, h, w]
+            weights = grad.float().mean(dim=(-2, -1))  # [T, I, C]
+            image = (weights[..., None, None] * features.detach().float()[None]).sum(dim=2)  # [T, I, h, w]
+            image = image.flatten(2).clamp(min=0)  # [T, I, h*w]
+        else:
+            tokens = towers["vision"].hidden_states[-2]  # [I, 1 + gh*gw, D]: the tokens entering the last block
+            (grad,) = _batched_grads(image_target, [tokens], per_text)  # [T, I, 1 + gh*gw, D]
+            weights = grad.float()[:, :, 1:].mean(dim=2)  # [T, I, D]
+            image = (tokens.detach().float()[None, :, 1:] * weights[:, :, None]).sum(-1).clamp(min=0)  # [T, I, gh*gw]
+        text_target = towers["image_unit"].detach() @ text_features.t()  # [I, T]
+        per_image = _one_hot_cotangents(num_images, num_texts, "image", text_target)
+        text_tokens = towers["text"].hidden_states[-2]  # [T, L, D]: the tokens entering the last text block
+        (text_grad,) = _batched_grads(text_target, [text_tokens], per_image)  # [I, T, L, D]
+        valid = towers["text_valid"].to(text_grad.dtype)  # [T, L]
+        text_weights = (text_grad.float() * valid[..., None]).sum(2) / valid.sum(1)[:, None]  # [I, T, D]
+        text = (text_tokens.detach().float()[None] * text_weights[:, :, None]).sum(-1).clamp(min=0)  # [I, T, L]
+        return self._to_grid(image.transpose(0, 1), towers), text
+
+    @staticmethod
+    def _to_grid(maps: torch.Tensor, towers) -> torch.Tensor:
+        """`[I, T, gh*gw]` -> `[I, T, gh, gw]` (row-major, as the towers flatten their grids)."""
+        grid_h, grid_w = towers["grid"]
+        return maps.reshape(*maps.shape[:2], grid_h, grid_w)  # [I, T, gh, gw]
 
 
 # ---- The CLIP model ----
 
 
-class CLIPVizModel(CLIPVizPreTrainedModel):
+class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
     """OpenAI's CLIP with a ViT or ModifiedResNet image tower; every attention layer can be returned.
 
     Example:

@@ -1,0 +1,405 @@
+"""Train the small embedded clipviz models (ViT and ResNet towers) from scratch on procedural scenes.
+
+Why: the Space and the tests need a model that works offline and whose explanations can be *checked*: the scenes
+(:mod:`clipviz.scenes`) record every object's mask, so a map for "a photo of a red circle" can be scored.
+
+Recipe (from measurements on this 2-core CPU, see the project notes): CLIP's symmetric contrastive loss where the
+texts of a step are the whole caption vocabulary (30 captions) and *every* object present in a scene is a positive
+for that image ("multi-positive": the soft target is uniform over the scene's captions, and for each caption
+uniform over the images containing it); AdamW with warm-up and cosine decay; a 2-D sin-cos start for the ViT's
+position embeddings; dihedral flips/rotations of a fixed pool of training scenes; bf16 autocast on CPU.
+Everything is seeded, so the same command on the same machine gives the same weights.
+
+Usage::
+
+    python -m clipviz.train_embedded --backbone vit --output-dir embedded/clipviz-tiny-vit
+    python -m clipviz.train_embedded --backbone resnet --output-dir embedded/clipviz-tiny-resnet --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clipviz import scenes
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+CONTEXT_LENGTH = 77
+TEXT_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 77}
+VISION_CONFIGS = {
+    # 8x8 patch grid on 64x64 scenes
+    "vit": {
+        "backbone": "vit",
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+    },
+    # 4x4 attention-pool grid on 128x128 scenes (the ResNet's total stride is 32)
+    "resnet": {
+        "backbone": "resnet",
+        "image_size": 128,
+        "resnet_layers": [1, 1, 1, 1],
+        "resnet_width": 16,
+        "num_attention_heads": 4,
+    },
+}
+PROJECTION_DIM = 128
+
+
+@dataclass
+class TrainSettings:
+    """Everything that determines the weights (saved next to them as ``training_args.json``)."""
+
+    backbone: str
+    steps: int = 2400
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    pool_size: int = 16384
+    seed: int = 0
+    pos_embed_scale: float = 0.4
+    bf16: bool = True
+    threads: int = 2
+    eval_scenes: int = 500
+
+
+def build_model(backbone: str):
+    """A freshly initialized clipviz model of the embedded size (OpenAI's initialization)."""
+    from configuration_clipviz import CLIPVizConfig
+    from modeling_clipviz import CLIPVizModel
+
+    if backbone not in VISION_CONFIGS:
+        raise ValueError(f"unknown backbone {backbone!r}: valid backbones are {list(VISION_CONFIGS)}")
+    config = CLIPVizConfig(
+        text_config=dict(TEXT_CONFIG), vision_config=dict(VISION_CONFIGS[backbone]), projection_dim=PROJECTION_DIM
+    )
+    return CLIPVizModel(config)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """MAE-style 2-D sine-cosine position table [grid*grid, dim], row-major: half the channels per axis."""
+    if dim % 4:
+        raise ValueError(f"the sin-cos table needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [dim/4]
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # [grid, grid] each
+
+    def axis(pos: torch.Tensor) -> torch.Tensor:
+        angles = pos.reshape(-1, 1) * omega[None, :]  # [grid*grid, dim/4]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # [grid*grid, dim/2]
+
+    return torch.cat([axis(rows), axis(cols)], dim=1).float()  # [grid*grid, dim]
+
+
+def init_position_embedding(model, scale: float) -> None:
+    """Start the ViT grid positions from a scaled 2-D sin-cos table (still learned): it made the step at which the
+    tiny ViT learns shape far less seed-dependent in the measurements."""
+    vision = model.vision_model
+    if model.config.vision_config.backbone != "vit" or scale == 0:
+        return
+    grid = model.config.vision_config.grid_size
+    with torch.no_grad():
+        vision.position_embedding[1:] = scale * sincos_2d(grid, vision.position_embedding.shape[1])
+
+
+def tokenize_captions(tokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and mask padded to the longest caption: causal attention makes the end-of-text features equal to those
+    of ids padded to 77, and it is cheaper."""
+    batch = tokenizer(captions, padding="longest", return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def scene_pool(count: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` training scenes: images [N, H, W, 3] uint8 and caption multi-hot targets [N, captions]."""
+    vocabulary = {caption: i for i, caption in enumerate(scenes.all_captions())}
+    images = np.empty((count, size, size, 3), dtype=np.uint8)
+    targets = np.zeros((count, len(vocabulary)), dtype=bool)
+    for index in range(count):
+        scene = scenes.make_scene(scenes.scene_seed("train", index), size=size)
+        images[index] = scene.image
+        for caption in scene.captions:
+            targets[index, vocabulary[caption]] = True
+    return images, targets
+
+
+def dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random flip + quarter-turn per image of a [B, H, W, 3] batch: captions are invariant to both."""
+    out = images.clone()
+    codes = torch.randint(0, 8, (images.shape[0],), generator=generator)
+    for code in range(1, 8):
+        chosen = codes == code
+        if chosen.any():
+            block = torch.rot90(images[chosen], k=code % 4, dims=(1, 2))  # [b, H, W, 3]
+            out[chosen] = torch.flip(block, dims=(2,)) if code >= 4 else block
+    return out
+
+
+def multi_positive_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss with several positives: logits [B, C] (image x caption), targets [B, C] bool.
+
+    Image -> text: soft cross-entropy against the uniform distribution over the scene's captions.
+    Text -> image: for each caption present in the batch, the same over the images that contain it.
+    """
+    targets = targets.float()
+    image_loss = -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
+    present = targets.sum(0) > 0  # [C]
+    per_caption = targets[:, present].t()  # [C', B]
+    text_logits = logits[:, present].t()  # [C', B]
+    text_loss = -(per_caption / per_caption.sum(1, keepdim=True) * text_logits.log_softmax(dim=1)).sum(1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """CLIP's split: no weight decay on gains, biases, embeddings tables' 1-D params and the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        skip = param.ndim < 2 or "logit_scale" in name or "position_embedding" in name or "class_embedding" in name
+        (no_decay if skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, settings: TrainSettings) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < settings.warmup_steps:
+        return settings.lr * (step + 1) / settings.warmup_steps
+    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
+    return settings.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(settings: TrainSettings, tokenizer, log=print):
+    """Train and return ``(model, summary)``; ``summary`` holds timings and the held-out zero-shot accuracy."""
+    torch.set_num_threads(settings.threads)
+    generator = seed_everything(settings.seed)
+    model = build_model(settings.backbone)
+    init_position_embedding(model, settings.pos_embed_scale)
+    size = model.config.vision_config.image_size
+    started = time.time()
+    images, targets = scene_pool(settings.pool_size, size)
+    images, targets = torch.from_numpy(images), torch.from_numpy(targets)
+    log(f"{settings.pool_size} training scenes at {size}px in {time.time() - started:.1f} s")
+    caption_ids, caption_mask = tokenize_captions(tokenizer, scenes.all_captions())
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98))
+    mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    model.train()
+    train_started = time.time()
+    for step in range(settings.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, settings)
+        index = torch.randint(0, settings.pool_size, (settings.batch_size,), generator=generator)
+        batch = dihedral(images[index], generator).permute(0, 3, 1, 2).float() / 255.0  # [B, 3, H, W]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            out = model(input_ids=caption_ids, pixel_values=(batch - mean) / std, attention_mask=caption_mask)
+            loss = multi_positive_loss(out.logits_per_image.float(), targets[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+        if step % 100 == 0 or step == settings.steps - 1:
+            log(
+                f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step, settings):.2e}  {time.time() - train_started:.0f} s"
+            )
+    train_seconds = time.time() - train_started
+    model.eval()
+    zero_shot = zero_shot_accuracy(model, tokenizer, settings.eval_scenes)
+    log(f"trained {settings.steps} steps in {train_seconds / 60:.1f} min; held-out zero-shot top-1 {zero_shot:.3f}")
+    return model, {"train_seconds": round(train_seconds, 1), "zero_shot_top1": round(zero_shot, 4)}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model, tokenizer, count: int, start: int = 0) -> float:
+    """Top-1 over the 30 captions on ``count`` held-out single-object scenes."""
+    size = model.config.vision_config.image_size
+    held_out = scenes.make_scenes("eval", start, count, size=size, num_objects=1)
+    vocabulary = scenes.all_captions()
+    ids, mask = tokenize_captions(tokenizer, vocabulary)
+    labels = torch.tensor([vocabulary.index(scene.captions[0]) for scene in held_out])
+    correct = 0
+    for begin in range(0, count, 250):
+        chunk = held_out[begin : begin + 250]
+        pixels = scenes.to_pixel_values([scene.image for scene in chunk], OPENAI_MEAN, OPENAI_STD)
+        logits = model(input_ids=ids, pixel_values=pixels, attention_mask=mask).logits_per_image  # [b, 30]
+        correct += (logits.argmax(dim=1) == labels[begin : begin + len(chunk)]).sum().item()
+    return correct / count
+
+
+def zero_unseen_token_rows(model, tokenizer) -> int:
+    """Zero the token embeddings of every token the captions never use; return how many rows stay non-zero.
+
+    They never received a gradient (only weight decay), so they hold initialization noise; zeros make an unknown
+    word contribute nothing, and let the 49,408-row table compress to almost nothing in git.
+    """
+    used = torch.unique(tokenize_captions(tokenizer, scenes.all_captions())[0])
+    table = model.text_model.token_embedding.weight
+    keep = torch.zeros(table.shape[0], dtype=torch.bool)
+    keep[used] = True
+    with torch.no_grad():
+        table[~keep] = 0
+    return int(keep.sum())
+
+
+def image_processor(size: int):
+    """CLIP's processor with the numbers training used: resize the short side, centre crop, OpenAI mean/std."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        do_resize=True,
+        size={"shortest_edge": size},
+        resample=3,  # bicubic
+        do_center_crop=True,
+        crop_size={"height": size, "width": size},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
+        do_convert_rgb=True,
+    )
+
+
+def save(model, settings: TrainSettings, summary: dict, output_dir: Path) -> None:
+    """The model (safetensors + config with auto_map + code), tokenizer and processor files, and a model card."""
+    from clipviz.tokenizer_files import write_tokenizer_files
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output_dir)
+    write_tokenizer_files(output_dir, context_length=CONTEXT_LENGTH)
+    image_processor(model.config.vision_config.image_size).save_pretrained(output_dir)
+    record = {"settings": asdict(settings), "summary": summary}
+    (output_dir / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")
+    (output_dir / "README.md").write_text(model_card(model, settings, summary))
+
+
+def model_card(model, settings: TrainSettings, summary: dict) -> str:
+    vision = model.config.vision_config
+    if vision.backbone == "vit":
+        tower = (
+            f"ViT: {vision.num_hidden_layers} layers, width {vision.hidden_size}, {vision.num_attention_heads} heads, "
+            f"patch {vision.patch_size} on {vision.image_size}x{vision.image_size} ({vision.grid_size}x{vision.grid_size} grid)"
+        )
+    else:
+        tower = (
+            f"ModifiedResNet: stages {vision.resnet_layers}, width {vision.resnet_width}, attention pool with "
+            f"{vision.num_attention_heads} heads on {vision.image_size}x{vision.image_size} "
+            f"({vision.grid_size}x{vision.grid_size} grid)"
+        )
+    text = model.config.text_config
+    params = sum(p.numel() for p in model.parameters())
+    command = (
+        f"python -m clipviz.train_embedded --backbone {settings.backbone} --output-dir <dir> --steps {settings.steps}"
+    )
+    return f"""---
+library_name: transformers
+license: mit
+tags:
+- clip
+- clipviz
+- explainability
+- synthetic
+---
+
+# clipviz tiny {vision.backbone} (embedded default model)
+
+A tiny CLIP trained **from scratch** in about {summary["train_seconds"] / 60:.0f} minutes on a 2-core CPU, on the
+procedural scenes of `clipviz.scenes` (1-3 coloured shapes on textured, noisy backgrounds). It knows only
+{len(scenes.COLORS)} colours ({", ".join(scenes.COLORS)}) and {len(scenes.SHAPES)} shapes ({", ".join(scenes.SHAPES)}),
+with captions such as "a photo of a red circle". It exists so that clipviz works offline and so that its
+explanation maps can be checked against the scenes' object masks. It is not a general image model.
+
+- Image tower: {tower}
+- Text tower: {text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} heads, OpenAI's
+  BPE tokenizer (context 77). Token embeddings of tokens that never occur in the captions are zero, so unknown
+  words contribute nothing.
+- Joint space: {model.config.projection_dim}; {params / 1e6:.2f} M parameters.
+- Training: {settings.steps} steps of batch {settings.batch_size}, multi-positive symmetric contrastive loss over
+  the 30 captions, AdamW lr {settings.lr}, weight decay {settings.weight_decay}, bf16 autocast, seed {settings.seed};
+  {settings.pool_size} training scenes (seed range `clipviz.scenes.TRAIN_SEEDS`) with flips and quarter turns.
+- Held-out zero-shot top-1 on {settings.eval_scenes} single-object scenes (`EVAL_SEEDS`): **{summary["zero_shot_top1"]:.3f}**.
+
+```python
+from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor
+model = AutoModel.from_pretrained(path, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(path)
+processor = CLIPImageProcessor.from_pretrained(path)
+ids = tokenizer(["a photo of a red circle"], padding=True, return_tensors="pt")
+pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+maps = model.explain(pixels, ids["input_ids"], ids["attention_mask"], method="relevance")
+```
+
+Reproduce: `{command}` (fixed seeds; `training_args.json` lists every setting).
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings, Path]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", choices=sorted(VISION_CONFIGS), required=True)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--pool-size", type=int, default=TrainSettings.pool_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--seed", type=int, default=TrainSettings.seed)
+    parser.add_argument("--eval-scenes", type=int, default=TrainSettings.eval_scenes)
+    parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (about 2x slower on CPU)")
+    args = parser.parse_args(argv)
+    settings = TrainSettings(
+        backbone=args.backbone,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        pool_size=args.pool_size,
+        lr=args.lr,
+        seed=args.seed,
+        eval_scenes=args.eval_scenes,
+        bf16=not args.no_bf16,
+    )
+    return settings, args.output_dir
+
+
+def load_tokenizer(output_dir: Path):
+    """CLIP's tokenizer from the files this run ships (the class is named, so no model config is consulted)."""
+    from transformers import CLIPTokenizer
+
+    from clipviz.tokenizer_files import write_tokenizer_files
+
+    write_tokenizer_files(output_dir, context_length=CONTEXT_LENGTH)
+    return CLIPTokenizer.from_pretrained(output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, output_dir = parse_args(argv)
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:  # configuration_clipviz / modeling_clipviz are top-level modules of the checkout
+        sys.path.insert(0, str(root))
+    tokenizer = load_tokenizer(output_dir)
+    model, summary = train(settings, tokenizer, log=lambda line: print(line, flush=True))
+    summary["nonzero_token_rows"] = zero_unseen_token_rows(model, tokenizer)
+    summary["zero_shot_top1_after_zeroing"] = round(zero_shot_accuracy(model, tokenizer, settings.eval_scenes), 4)
+    save(model, settings, summary, output_dir)
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
