@@ -1,0 +1,361 @@
+"""The Space as a server: ``python space/app.py`` launched on 127.0.0.1 in a subprocess, driven by ``gradio_client``
+and raw HTTP (overlays, probabilities, token relevance, errors, file-access refusals, upload limit, full queue,
+8 clients at once). Also the upload component's own preprocessing."""
+
+import atexit
+import base64
+import functools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ROOT / "space"
+sys.path.insert(0, str(SPACE))
+
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+EXAMPLES = SPACE / "examples"
+SCENE = EXAMPLES / "scene_1000000001.png"  # a purple square, a white triangle and a blue circle
+CAT = EXAMPLES / "chelsea.jpg"  # 451x300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SpaceServer:
+    """``python space/app.py`` in a subprocess on a free port, stopped with the test process."""
+
+    def __init__(self, **env):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.workdir = Path(tempfile.mkdtemp(prefix="clipviz-space-"))
+        self.log = self.workdir / "server.log"
+        environment = {
+            **os.environ,
+            "GRADIO_SERVER_NAME": "127.0.0.1",
+            "GRADIO_SERVER_PORT": str(self.port),
+            "GRADIO_ANALYTICS_ENABLED": "False",
+            "GRADIO_TEMP_DIR": str(self.workdir / "gradio"),
+            "HF_HUB_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SPACE / "app.py")], cwd=ROOT, env=environment, stdout=log, stderr=log
+            )
+        atexit.register(self.stop)
+        self._wait_until_up()
+
+    def _wait_until_up(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the Space exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if httpx.get(self.url + "config", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the Space did not answer within {timeout:.0f} s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def explain_fn_index(self) -> int:
+        config = httpx.get(self.url + "config", timeout=10).json()
+        return next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
+
+
+def model_env() -> dict:
+    """Where the server finds its default model: the embedded models when the repository has them; otherwise tiny
+    random models with the same folder layout (weights + code + CLIP tokenizer + processor config)."""
+    if (ROOT / "embedded" / "clipviz-tiny-vit" / "config.json").is_file():
+        return {}
+    from tests.test_space_explainer import save_tiny_model
+
+    folder = Path(tempfile.mkdtemp(prefix="clipviz-space-models-"))
+    atexit.register(shutil.rmtree, folder, True)
+    save_tiny_model(folder / "clipviz-tiny-vit", "vit")
+    save_tiny_model(folder / "clipviz-tiny-resnet", "resnet")
+    return {"CLIPVIZ_EMBEDDED_DIR": str(folder)}
+
+
+@functools.cache
+def shared_server() -> SpaceServer:
+    """One server for this module and the browser test (started once per test process)."""
+    return SpaceServer(**model_env())
+
+
+@pytest.fixture(scope="module")
+def server() -> SpaceServer:
+    return shared_server()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server.url, verbose=False)
+
+
+def explain(client: Client, image: Path, prompts: list[str], **options):
+    return client.predict(image=handle_file(str(image)), prompts="\n".join(prompts), api_name="/explain", **options)
+
+
+# ---- the API ----
+
+
+def test_explain_endpoint_is_the_only_public_api(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert list(endpoints) == ["/explain"]
+    names = [p["parameter_name"] for p in endpoints["/explain"]["parameters"]]
+    assert names[:4] == ["image", "prompts", "model", "method"] and "start_layer" in names
+
+
+def test_overlays_probabilities_and_token_relevance(client):
+    prompts = ["a photo of a purple square", "a photo of a blue circle", "a photo of a red star"]
+    overlays, probabilities, tokens, heads, note = explain(client, SCENE, prompts)
+
+    assert [item["caption"].split(" · ")[0] for item in overlays] == prompts
+    for item in overlays:
+        with Image.open(item["image"]) as overlay:
+            assert overlay.format == "JPEG" and overlay.size == (512, 512)  # a square scene stays square
+
+    confidences = {c["label"]: c["confidence"] for c in probabilities["confidences"]}
+    assert set(confidences) == set(prompts) and sum(confidences.values()) == pytest.approx(1.0, abs=1e-6)
+    assert probabilities["label"] == max(confidences, key=confidences.get)
+
+    words = [entry["token"] for entry in tokens if entry["class_or_confidence"] is not None]
+    assert "".join(words).split() == " ".join(prompts).split()
+    assert all(0 <= entry["class_or_confidence"] <= 1 for entry in tokens if entry["class_or_confidence"] is not None)
+    assert heads == [] and "Relevance" in note
+
+
+def test_overlays_keep_the_photos_aspect_ratio(client):
+    overlays, *_ = explain(client, CAT, ["a photo of a cat"], method="gradcam", opacity=0.7, colormap="viridis")
+    with Image.open(overlays[0]["image"]) as overlay:
+        assert overlay.size == (512, 341)  # 451x300 scaled to a 512-pixel long side
+
+
+def test_raw_attention_with_the_all_heads_grid(client):
+    overlays, _, _, heads, note = explain(
+        client, SCENE, ["a photo of a blue circle"], method="attention", head_grid=True
+    )
+    assert len(overlays) == 1 and len(heads) == 4 and heads[0]["caption"].endswith("head 1")
+    assert "Raw attention" in note
+
+
+def test_resnet_model_from_the_dropdown(client):
+    _, probabilities, *_ = explain(client, SCENE, ["a cat", "a dog"], model="embedded: clipviz-tiny-resnet")
+    assert {c["label"] for c in probabilities["confidences"]} == {"a cat", "a dog"}
+
+
+def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
+    readme = (SPACE / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'api_name="/explain"' in snippet
+    monkeypatch.chdir(SPACE)  # the snippet's image path is relative to the Space folder
+    exec(snippet.replace("http://127.0.0.1:7860/", server.url), {"print": lambda *args, **kwargs: None})
+
+
+@pytest.mark.parametrize(
+    ("prompts", "options", "message"),
+    [
+        ("", {}, "Type at least one prompt"),
+        ("\n".join(f"p{i}" for i in range(9)), {}, "9 prompts given; the limit is 8"),
+        (" ".join(["cat"] * 80), {}, "is 82 tokens long; CLIP reads at most 77 tokens"),
+        ("a cat", {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"}, "Rollout needs a stack"),
+        ("a cat", {"method": "attention", "head": "99"}, "head must be 'mean', 'max' or a number from 1 to"),
+        ("a cat", {"model": "clipviz/clip-vit-b-16"}, "Could not load the model 'clipviz/clip-vit-b-16'"),
+    ],
+)
+def test_bad_requests_get_readable_errors(client, prompts, options, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(image=handle_file(str(SCENE)), prompts=prompts, api_name="/explain", **options)
+
+
+def test_a_file_that_is_not_an_image_is_refused_readably(client, tmp_path):
+    fake = tmp_path / "photo.png"
+    fake.write_text("this is not a picture")
+    with pytest.raises(AppError, match="not a PNG, JPEG, WEBP, GIF or BMP image"):
+        explain(client, fake, ["a cat"])
+
+
+def test_an_unlisted_model_cannot_be_requested(client):
+    with pytest.raises(AppError):  # the dropdown refuses values outside its choices: no arbitrary remote code
+        explain(client, SCENE, ["a cat"], model="someone/malicious-repo")
+
+
+# ---- files the server must not hand out ----
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "gradio_api/file=/etc/passwd",
+        "gradio_api/file=//etc/passwd",
+        "gradio_api/file=../../../../../../etc/passwd",
+        "gradio_api/file=..%2F..%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+        "gradio_api/file=%2Fetc%2Fpasswd",
+        "gradio_api/file=%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+        "gradio_api/file={app}/../../../../../../etc/passwd",
+        "gradio_api/file={app}/app.py",
+        "file=/etc/passwd",
+        "gradio_api/file=http://169.254.169.254/latest/meta-data/",
+        "static/../../../../../../etc/passwd",
+        "gradio_api/proxy=http://127.0.0.1:1/",
+    ],
+)
+def test_server_files_are_not_served(server, path):
+    url = server.url + path.format(app=str(SPACE))
+    response = httpx.get(url, timeout=10, follow_redirects=False)
+    assert response.status_code in (400, 403, 404, 405, 422), (url, response.status_code)
+    assert "root:" not in response.text and "import gradio" not in response.text
+
+
+def test_a_path_smuggled_into_the_api_payload_is_refused(server):
+    """A client naming a server file instead of uploading one gets an error; the file never reaches the handler."""
+    message = raw_explain(server, {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "a cat")
+    assert message["success"] is False
+    assert "root:" not in json.dumps(message)
+
+
+def test_oversized_upload_gets_413(server):
+    big = b"\x00" * (10 * 1024 * 1024 + 1)
+    response = httpx.post(server.url + "gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=60)
+    assert response.status_code == 413 and "10" in response.text
+
+
+def raw_explain(server: SpaceServer, image_payload: dict, prompts: str) -> dict:
+    """Join the queue with a hand-made payload and read the server-sent events until the job completes."""
+    session = uuid.uuid4().hex
+    body = {"data": [image_payload, prompts], "fn_index": server.explain_fn_index(), "session_hash": session}
+    joined = httpx.post(server.url + "gradio_api/queue/join", json=body, timeout=10)
+    assert joined.status_code == 200, joined.text
+    with httpx.stream("GET", server.url + f"gradio_api/queue/data?session_hash={session}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the queue stream ended without a result")
+
+
+# ---- load ----
+
+
+def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
+    colours = ["red", "green", "blue", "yellow", "purple", "white", "red", "blue"]
+    requests = [
+        [f"a photo of a {colour} circle", f"a photo of a {colour} square {i}"] for i, colour in enumerate(colours)
+    ]
+    reference_client = Client(server.url, verbose=False)
+    expected = [explain(reference_client, SCENE, prompts)[1] for prompts in requests]  # one at a time
+    results: list = [None] * len(requests)
+    errors: list = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = explain(Client(server.url, verbose=False), SCENE, requests[index])
+        except Exception as error:  # collected: a lost request must fail the test, not vanish in a thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and all(result is not None for result in results)
+    for prompts, result, reference in zip(requests, results, expected, strict=True):
+        overlays, probabilities = result[0], result[1]
+        assert [item["caption"].split(" · ")[0] for item in overlays] == prompts
+        got = {c["label"]: c["confidence"] for c in probabilities["confidences"]}
+        want = {c["label"]: c["confidence"] for c in reference["confidences"]}
+        assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in got)
+
+
+def test_full_queue_answers_with_a_clear_message():
+    small = SpaceServer(CLIPVIZ_QUEUE_SIZE="1", CLIPVIZ_CONCURRENCY="1", **model_env())
+    try:
+        upload = httpx.post(
+            small.url + "gradio_api/upload", files={"files": ("cat.jpg", CAT.read_bytes(), "image/jpeg")}, timeout=30
+        ).json()[0]
+        image = {"path": upload, "meta": {"_type": "gradio.FileData"}, "orig_name": "cat.jpg"}
+        prompts = "\n".join(f"a photo of a thing number {i}" for i in range(8))
+        fn_index = small.explain_fn_index()
+        statuses: list = []
+
+        def join() -> None:
+            body = {"data": [image, prompts, None, "attention", "last", "mean", True], "fn_index": fn_index,
+                    "session_hash": uuid.uuid4().hex}  # fmt: skip
+            response = httpx.post(small.url + "gradio_api/queue/join", json=body, timeout=30)
+            statuses.append((response.status_code, response.text))
+
+        threads = [threading.Thread(target=join) for _ in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        refused = [text for code, text in statuses if code == 503]
+        assert refused, statuses
+        assert all("Queue is full" in text for text in refused)
+        assert any(code == 200 for code, _ in statuses)
+    finally:
+        small.stop()
+
+
+# ---- the upload component ----
+
+
+def test_upload_component_hands_over_the_stored_path_untouched(tmp_path):
+    from gradio.data_classes import ImageData
+    from upload import UploadImage
+
+    component = UploadImage(type="filepath")
+    assert component.get_block_name() == "image"  # gr.Image's front end: upload, paste, webcam
+    stored = tmp_path / "not-even-an-image.png"
+    stored.write_text("decoding is imaging.py's job, with its own limits and messages")
+    assert component.preprocess(ImageData(path=str(stored))) == str(stored)
+    assert component.preprocess(None) is None
+
+
+def test_data_urls_are_decoded_with_limits():
+    import gradio as gr
+    import imaging
+    from gradio.data_classes import ImageData
+    from upload import UploadImage, decode_data_url
+
+    png = (EXAMPLES / "scene_1000000000.png").read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    assert decode_data_url(url) == png
+    assert UploadImage(type="filepath").preprocess(ImageData(url=url)) == png
+    for bad in ("data:image/png,notbase64", "data:image/png;base64,***", "data:image/png;base64,"):
+        with pytest.raises(imaging.ImageRejected, match="could not be read"):
+            decode_data_url(bad)
+    huge = "data:image/png;base64," + "A" * (imaging.MAX_UPLOAD_BYTES * 4 // 3 + 8)
+    with pytest.raises(gr.Error, match="larger than the 10 MB limit"):
+        UploadImage(type="filepath").preprocess(ImageData(url=huge))
