@@ -37,7 +37,11 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1):
                 image = UploadImage(
-                    label="Image", type="filepath", sources=["upload", "clipboard", "webcam"], height=320
+                    label="Image",
+                    type="filepath",
+                    sources=["upload", "clipboard", "webcam"],
+                    height=320,
+                    elem_id="image",
                 )
                 prompts = gr.Textbox(
                     label=f"Prompts (one per line, up to {explainer.MAX_PROMPTS})",

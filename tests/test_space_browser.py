@@ -1,0 +1,107 @@
+"""The Space in a real browser: Debian's chromium, headless, driven by Playwright.
+
+Load the page, upload a photo, type two prompts, press Explain, wait for the overlays; the overlays and the
+probabilities must be on the page (a screenshot goes to ``artifacts/``). Then a file that is not an image and one
+over the size limit must each produce a readable error on the page. Without chromium the test is skipped locally
+and fails in CI (``CI=true``), which installs it.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_space_app import CAT, shared_server
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (Path(CHROMIUM).is_file() and shutil.which(CHROMIUM)):
+        message = f"{CHROMIUM} is missing (apt-get install -y chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture()
+def page(browser):
+    server = shared_server()
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server.url)
+    page.wait_for_selector("#explain-button")
+    page.wait_for_selector("#model-status :text('heads')")  # the page-load event has set up the controls
+    yield page
+    context.close()
+
+
+def test_upload_two_prompts_explain_shows_overlays_and_probabilities(page):
+    page.set_input_files("#image input[type=file]", str(CAT))
+    page.wait_for_selector("#image img")
+    page.fill("#prompts textarea", "a photo of a cat\na photo of a dog")
+    page.click("#explain-button")
+
+    overlays = page.locator("#overlays img")
+    overlays.nth(1).wait_for(state="visible")
+    assert overlays.count() == 2
+    for index in range(2):  # decoded images, not broken links
+        assert overlays.nth(index).evaluate("img => img.complete && img.naturalWidth > 0")
+    captions = page.locator("#overlays").inner_text()
+    assert "a photo of a cat ·" in captions and "a photo of a dog ·" in captions
+    probabilities = page.locator("#probabilities")
+    probabilities.get_by_text("a photo of a dog").first.wait_for()
+    assert "%" in probabilities.inner_text() and "a photo of a cat" in probabilities.inner_text()
+    assert "cat" in page.locator("#tokens").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "space-explain.png"), full_page=True)
+
+
+def readable_error(page, text: str, screenshot: str) -> str:
+    """Wait until an error toast containing ``text`` is fully shown (visible and faded in), screenshot the viewport
+    (the toast is fixed to it) and return the toast's message."""
+    toast = page.locator("[data-testid=toast-text]", has_text=text).first
+    toast.wait_for(state="visible")
+    page.wait_for_function(
+        "el => Number(getComputedStyle(el.closest('[data-testid=toast-body]') || el).opacity) === 1",
+        arg=toast.element_handle(),
+    )
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / screenshot))
+    return toast.inner_text()
+
+
+def test_a_file_that_is_not_an_image_shows_a_readable_error(page, tmp_path):
+    fake = tmp_path / "holiday.png"
+    fake.write_text("not a picture at all")
+    page.set_input_files("#image input[type=file]", str(fake))
+    page.fill("#prompts textarea", "a photo of a cat")
+    page.click("#explain-button")
+    message = readable_error(page, "This file is not a PNG", "space-bad-upload.png")
+    assert message.startswith("This file is not a PNG, JPEG, WEBP, GIF or BMP image") and "Please upload" in message
+
+
+def test_an_oversized_upload_shows_a_readable_error(page, tmp_path):
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * (11 * 1024 * 1024))
+    page.set_input_files("#image input[type=file]", str(big))
+    message = readable_error(page, "exceed", "space-oversized-upload.png")
+    assert "maximum allowed size of 10.0 Mb" in message and "huge.png" in message
