@@ -7,22 +7,26 @@ that file (MIT licence, see ``assets/README.md``) ships in ``clipviz/assets`` so
 ``tokenizer.json`` holds the same pipeline transformers' ``CLIPTokenizer`` uses (NFC, whitespace runs to one
 space, lower-case; OpenAI's split regex; byte-level BPE with ``</w>``; start/end tokens added around the text).
 
-How the result compares with OpenAI's ``clip.tokenize`` (checked by ``tests/test_tokenizer_files.py``):
+``tokenizer_config.json`` names ``CLIPTokenizer`` as its class and, in ``auto_map``, ``CLIPVizTokenizer`` from
+``tokenization_clipviz.py`` (copied next to the other files), so the folder loads two ways:
 
-* **Same ids** whenever the tokenizer's normalizer produces the text OpenAI tokenizes, i.e. when OpenAI's
-  clean-up (``ftfy.fix_text``, ``html.unescape`` twice, Python ``str.lower``) changes nothing beyond NFC,
-  whitespace and plain lower-casing: ordinary text, punctuation, accents, CJK, emoji, numbers,
-  tabs/newlines/repeated spaces, upper case, the empty string, the literal special tokens.
-* **Different ids** where that clean-up changes the text, because ``tokenizer.json`` cannot run ftfy or
-  ``html.unescape`` (and transformers 5's ``CLIPTokenizer`` rebuilds its normalizer in code, ignoring extra rules
-  in the file): HTML entities (``&amp;``), mojibake (``cafÃ©``), curly quotes (``it’s``), Latin ligatures
-  (``ﬁ``, ``ǅ``), full-width forms (``ＡＢＣ``), control and C1 characters, byte-order marks, terminal escapes; a
-  capital sigma ending a word (Python lower-cases it to ``ς``, the tokenizer to ``σ``); and U+0345 COMBINING
-  GREEK YPOGEGRAMMENI, which OpenAI's case-insensitive split regex silently drops.
-  ``tokenizer(openai_clean_text(text))`` gives OpenAI's ids for all of these. The one input class where even that
-  differs: text containing ``<`` (which makes ftfy skip HTML) with an HTML entity for a combining mark
-  (``<e&#769;``): OpenAI keeps the decomposed ``e`` + U+0301 that ``html.unescape`` produces, the tokenizer's NFC
-  composes it to ``é``.
+* **With** ``trust_remote_code=True`` (``AutoTokenizer``, ``AutoProcessor``, ``pipeline``): ``CLIPVizTokenizer``,
+  whose ids equal OpenAI's ``clip.tokenize`` on any text: it runs OpenAI's own clean-up and split in Python (see
+  ``tokenization_clipviz.py``). Needs ``ftfy`` (and ``regex``, a transformers dependency), like OpenAI's tokenizer.
+* **Without** it: transformers' ``CLIPTokenizer`` (``CLIPTokenizerFast`` in transformers 4). transformers has a
+  local class for the configured ``CLIPTokenizer``, so it uses it without asking about the remote code. Its ids
+  equal OpenAI's whenever OpenAI's clean-up (``ftfy.fix_text``, ``html.unescape`` twice, Python ``str.lower``, a
+  case-insensitive split) changes nothing beyond NFC, whitespace and plain lower-casing: ordinary text,
+  punctuation, accents, CJK, emoji, numbers, tabs/newlines/repeated spaces, upper case, the empty string, the
+  literal special tokens. They differ on HTML entities (``&amp;``), mojibake (``cafÃ©``), curly quotes
+  (``it’s``), Latin ligatures (``ﬁ``, ``ǅ``), full-width forms (``ＡＢＣ``), control and C1 characters,
+  byte-order marks, terminal escapes, a capital sigma ending a word (Python gives ``ς``, the tokenizer ``σ``),
+  U+0345 (OpenAI's split drops it), ``ſ`` after an apostrophe (OpenAI's case-insensitive ``'s`` takes it),
+  special-token literals glued to punctuation (``.<|endoftext|>`` is plain text to OpenAI) and decomposed accents
+  that ``html.unescape`` produces where ftfy skipped HTML (``<e&#769;``: the tokenizer's NFC composes them).
+
+Both ways:
+
 * **Padding**: ``clip.tokenize`` pads with 0, ``padding="max_length"`` pads with the pad token
   ``<|endoftext|>`` (49407) and sets ``attention_mask`` to 0 there. Both give the same text features: OpenAI's
   text tower pools at ``text.argmax(-1)``, and ``argmax`` returns the *first* maximal index, which is the real
@@ -36,11 +40,14 @@ How the result compares with OpenAI's ``clip.tokenize`` (checked by ``tests/test
 from __future__ import annotations
 
 import gzip
-import html
 import json
 import os
+import shutil
 from functools import cache
 from pathlib import Path
+
+import tokenization_clipviz
+from tokenization_clipviz import OPENAI_SPLIT_PATTERN, openai_clean_text
 
 __all__ = [
     "BOS_TOKEN",
@@ -51,8 +58,14 @@ __all__ = [
     "bytes_to_unicode",
     "load_openai_bpe_merges",
     "openai_clean_text",
+    "remote_code_path",
     "write_tokenizer_files",
 ]
+
+# `auto_map["AutoTokenizer"]` is a (slow, fast) pair of class references. transformers files a class under "fast"
+# only when its name ends in "Fast", so its own `save_pretrained` writes this class as (class, None); writing the
+# same keeps a re-saved copy identical. Both versions load slot 0 when slot 1 is empty, with any `use_fast`.
+TOKENIZER_AUTO_MAP = ["tokenization_clipviz.CLIPVizTokenizer", None]
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -60,9 +73,6 @@ PAD_TOKEN = EOS_TOKEN
 UNK_TOKEN = EOS_TOKEN
 
 _NUM_MERGES = 49152 - 256 - 2  # OpenAI's vocabulary: 256 bytes x 2 + merges + 2 special tokens = 49408
-
-# OpenAI's pre-tokenisation regex (simple_tokenizer.py); the text is lower-cased before it is applied.
-_SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def bpe_path() -> Path:
@@ -105,25 +115,6 @@ def build_openai_vocab(merges: list[tuple[str, str]] | None = None) -> dict[str,
     return {token: i for i, token in enumerate(vocab)}
 
 
-def openai_clean_text(text: str) -> str:
-    """The text OpenAI's ``SimpleTokenizer.encode`` actually tokenizes: ``ftfy.fix_text``, ``html.unescape`` twice,
-    whitespace runs collapsed to one space, stripped, lower-cased with Python's ``str.lower``, and with
-    U+0345 turned into a space (OpenAI's case-insensitive split regex never matches it, so it only separates tokens).
-
-    Feed this to the Hugging Face tokenizer to get OpenAI's ids on inputs where the tokenizer's own normalizer
-    differs (see the module docstring). Needs ``ftfy`` and ``regex``, like OpenAI's tokenizer.
-    """
-    try:
-        import ftfy
-        import regex  # OpenAI's whitespace_clean uses this module's \s, which differs from `re`'s
-    except ImportError as e:
-        raise ImportError(
-            "openai_clean_text needs ftfy and regex, as OpenAI's tokenizer does: `pip install ftfy regex`"
-        ) from e
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return regex.sub(r"\s+", " ", text).strip().lower().replace("\u0345", " ")
-
-
 def _build_backend_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     """The ``tokenizers`` pipeline of transformers' CLIPTokenizer (the same one transformers 5 rebuilds in code and
     transformers 4 reads from tokenizer.json), so both major versions tokenize alike."""
@@ -146,7 +137,7 @@ def _build_backend_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]
     )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(_SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.Split(Regex(OPENAI_SPLIT_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
@@ -173,7 +164,8 @@ def _special_token_entry(token: str) -> dict[str, object]:
 
 def _tokenizer_config(vocab: dict[str, int], context_length: int) -> dict[str, object]:
     return {
-        "tokenizer_class": "CLIPTokenizer",
+        "tokenizer_class": "CLIPTokenizer",  # what loading without trust_remote_code falls back to
+        "auto_map": {"AutoTokenizer": list(TOKENIZER_AUTO_MAP)},
         "model_max_length": context_length,
         "bos_token": BOS_TOKEN,
         "eos_token": EOS_TOKEN,
@@ -191,12 +183,13 @@ def _tokenizer_config(vocab: dict[str, int], context_length: int) -> dict[str, o
 def write_tokenizer_files(
     out_dir: str | os.PathLike, context_length: int = 77, merges_path: str | os.PathLike | None = None
 ) -> list[Path]:
-    """Write ``vocab.json``, ``merges.txt``, ``tokenizer.json``, ``special_tokens_map.json`` and
-    ``tokenizer_config.json`` for OpenAI's CLIP tokenizer into ``out_dir``; return the written paths.
+    """Write ``vocab.json``, ``merges.txt``, ``tokenizer.json``, ``special_tokens_map.json``,
+    ``tokenizer_config.json`` and ``tokenization_clipviz.py`` for OpenAI's CLIP tokenizer into ``out_dir``; return
+    the written paths.
 
-    ``AutoTokenizer.from_pretrained(out_dir)`` then loads a ``CLIPTokenizer`` (``CLIPTokenizerFast`` in
-    transformers 4) with ``model_max_length=context_length``. See the module docstring for how its ids compare
-    with OpenAI's.
+    ``AutoTokenizer.from_pretrained(out_dir, trust_remote_code=True)`` then loads ``CLIPVizTokenizer`` (OpenAI's
+    ids), ``AutoTokenizer.from_pretrained(out_dir)`` transformers' ``CLIPTokenizer`` (``CLIPTokenizerFast`` in
+    transformers 4); both with ``model_max_length=context_length``. See the module docstring.
     """
     if not isinstance(context_length, int) or context_length < 2:
         raise ValueError(f"context_length must be an int >= 2 (room for start and end tokens), got {context_length!r}")
@@ -223,7 +216,13 @@ def write_tokenizer_files(
         written.append(out / name)
     _build_backend_tokenizer(vocab, merges).save(str(out / "tokenizer.json"))
     written.append(out / "tokenizer.json")
+    written.append(Path(shutil.copyfile(remote_code_path(), out / "tokenization_clipviz.py")))
     return written
+
+
+def remote_code_path() -> Path:
+    """``tokenization_clipviz.py``, the file ``auto_map`` points at; it must ship in the same folder."""
+    return Path(tokenization_clipviz.__file__)
 
 
 def _dumps(obj: object) -> str:

@@ -1,4 +1,5 @@
-"""The tokenizer files written by ``clipviz.tokenizer_files`` against OpenAI's own ``SimpleTokenizer``.
+"""The tokenizer files written by ``clipviz.tokenizer_files`` against OpenAI's own ``SimpleTokenizer``, loaded
+without remote code (transformers' ``CLIPTokenizer``); ``test_tokenization_clipviz.py`` covers the remote class.
 
 OpenAI's ``clip.tokenize`` lives in ``clip/clip.py``, which imports torchvision, so it is re-created here from
 ``SimpleTokenizer`` exactly as ``clip.tokenize`` does it (start + text + end, zero padding, optional truncation).
@@ -6,10 +7,12 @@ OpenAI's ``clip.tokenize`` lives in ``clip/clip.py``, which imports torchvision,
 
 import hashlib
 import json
+import re
 
 import pytest
 import torch
-from transformers import AutoTokenizer, CLIPTokenizer
+from tokenizers import Regex, pre_tokenizers
+from transformers import AutoTokenizer, CLIPTokenizerFast  # transformers 5: an alias of CLIPTokenizer
 
 from clipviz.tokenizer_files import (
     BOS_TOKEN,
@@ -17,14 +20,14 @@ from clipviz.tokenizer_files import (
     bpe_path,
     build_openai_vocab,
     load_openai_bpe_merges,
-    openai_clean_text,
     write_tokenizer_files,
 )
 from tests.openai_reference import openai_clip_dir, openai_model_module, openai_tokenizer_module
+from tokenization_clipviz import OPENAI_SPLIT_PATTERN, openai_pieces
 
 SOT, EOT = 49406, 49407
 
-# Texts on which the Hugging Face tokenizer must give exactly OpenAI's ids.
+# Texts on which transformers' CLIPTokenizer gives exactly OpenAI's ids.
 SAME = [
     "a photo of a cat",
     "A PHOTO OF A DOG, IN UPPER CASE",
@@ -49,8 +52,8 @@ SAME = [
     "AT&T R&D Q&A",
 ]
 
-# Texts where OpenAI's clean-up (ftfy, html.unescape, str.lower, its regex) changes the text: raw ids differ,
-# ids of openai_clean_text(text) match. Documented in clipviz/tokenizer_files.py.
+# Texts where OpenAI's clean-up (ftfy, html.unescape, str.lower) or its case-insensitive split differ from the
+# CLIPTokenizer pipeline, so its ids differ (CLIPVizTokenizer gets them right). Documented in tokenizer_files.py.
 DIFFERENT = [
     "fish &amp; chips &lt;b&gt; &quot;hi&quot; &#39;x&#39;",  # HTML entities
     "&amp;amp;amp; nested entity",
@@ -64,11 +67,10 @@ DIFFERENT = [
     "\x1b[31mred\x1b[0m terminal escapes",
     "ΟΔΟΣ final capital sigma",  # Python str.lower gives final ς
     "a\u0345b ypogegrammeni",  # dropped by OpenAI's case-insensitive regex
+    "it'ſ long s",  # OpenAI's case-insensitive 's takes 'ſ
+    "a.<|endoftext|>b",  # glued to punctuation, the literal is plain text to OpenAI
+    "<e&#769;",  # '<' stops ftfy's HTML decoding; html.unescape leaves e + U+0301, which NFC would compose
 ]
-
-# Even pre-cleaned, this differs: '<' stops ftfy's HTML decoding, html.unescape then yields e + U+0301, which
-# OpenAI keeps decomposed and the tokenizer's NFC composes.
-PRECLEAN_EXCEPTION = "<e&#769;"
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,17 @@ def openai_tokenize(simple_tokenizer, texts, context_length=77, truncate=False):
 
 def test_written_files_and_config(tokenizer_dir):
     names = {p.name for p in tokenizer_dir.iterdir()}
-    assert names == {"vocab.json", "merges.txt", "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json"}
+    assert names == {
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+        "tokenization_clipviz.py",
+    }
     config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "CLIPTokenizer"
+    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_clipviz.CLIPVizTokenizer", None]}
     assert config["model_max_length"] == 77
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
     special = json.loads((tokenizer_dir / "special_tokens_map.json").read_text())
@@ -134,10 +144,10 @@ def test_shipped_merges_file_is_openais():
 
 
 def test_loads_as_clip_tokenizer(tokenizer_dir, hf_tokenizer):
-    assert isinstance(hf_tokenizer, CLIPTokenizer)
+    assert type(hf_tokenizer) is CLIPTokenizerFast
     assert hf_tokenizer.model_max_length == 77
     assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (SOT, EOT, EOT)
-    direct = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    direct = CLIPTokenizerFast.from_pretrained(tokenizer_dir)
     for text in SAME + DIFFERENT:
         assert direct(text)["input_ids"] == hf_tokenizer(text)["input_ids"], text
 
@@ -148,32 +158,28 @@ def test_same_ids_as_openai(hf_tokenizer, simple_tokenizer, text):
 
 
 @pytest.mark.parametrize("text", DIFFERENT)
-def test_documented_differences_are_fixed_by_clean_text(hf_tokenizer, simple_tokenizer, text):
-    expected = openai_ids(simple_tokenizer, text)
-    assert hf_tokenizer(text)["input_ids"] != expected
-    assert hf_tokenizer(openai_clean_text(text))["input_ids"] == expected
+def test_documented_differences(hf_tokenizer, simple_tokenizer, text):
+    assert hf_tokenizer(text)["input_ids"] != openai_ids(simple_tokenizer, text)
+
+
+def clip_tokenizer_pieces(hf_tokenizer, text):
+    """The pieces CLIPTokenizer runs BPE on: normalized text, special-token literals cut out first, then the split."""
+    normalized = hf_tokenizer.backend_tokenizer.normalizer.normalize_str(text)
+    split = pre_tokenizers.Split(Regex(OPENAI_SPLIT_PATTERN), behavior="removed", invert=True).pre_tokenize_str
+    segments = re.split(f"({re.escape(BOS_TOKEN)}|{re.escape(EOS_TOKEN)})", normalized)
+    return [
+        piece
+        for segment in segments
+        for piece in ([segment] if segment in (BOS_TOKEN, EOS_TOKEN) else [p for p, _ in split(segment)])
+    ]
 
 
 def test_difference_rule(hf_tokenizer):
-    """The documented rule: raw ids match exactly when the tokenizer's normalizer yields OpenAI's cleaned text."""
-    normalize = hf_tokenizer.backend_tokenizer.normalizer.normalize_str
+    """The documented rule: ids match exactly when CLIPTokenizer's pipeline yields OpenAI's pieces."""
     for text in SAME:
-        assert normalize(text).strip() == openai_clean_text(text), text
+        assert clip_tokenizer_pieces(hf_tokenizer, text) == openai_pieces(text), text
     for text in DIFFERENT:
-        assert normalize(text).strip() != openai_clean_text(text), text
-
-
-def test_clean_text_exception(hf_tokenizer, simple_tokenizer):
-    expected = openai_ids(simple_tokenizer, PRECLEAN_EXCEPTION)
-    assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION))["input_ids"] != expected
-    assert hf_tokenizer(openai_clean_text(PRECLEAN_EXCEPTION.replace("<", "")))["input_ids"] == openai_ids(
-        simple_tokenizer, PRECLEAN_EXCEPTION.replace("<", "")
-    )
-
-
-def test_clean_text_is_harmless_on_same(hf_tokenizer, simple_tokenizer):
-    for text in SAME:
-        assert hf_tokenizer(openai_clean_text(text))["input_ids"] == openai_ids(simple_tokenizer, text), text
+        assert clip_tokenizer_pieces(hf_tokenizer, text) != openai_pieces(text), text
 
 
 def test_empty_string(hf_tokenizer):
