@@ -82,8 +82,8 @@ METHOD_NOTES = {
     ),
     "relevance": (
         "**Relevance** (Chefer et al. 2021) weights attention by its gradient with respect to *this prompt's* "
-        "image–text score, layer by layer: bright regions raised the match with the prompt. Compare prompts side by "
-        "side; the token colours show which words carried the match."
+        "image–text score: bright regions raised the match with the prompt. Compare prompts side by side; the token "
+        "colours show which words carried the match. {relevance_note}"
     ),
     "gradcam": (
         "**Grad-CAM** weights the last image features by the gradient of the image–text similarity: bright regions "
@@ -93,6 +93,13 @@ METHOD_NOTES = {
 BACKBONE_NOTES = {
     "vit": "For a ViT the map is the class token's attention over the patch grid.",
     "resnet": "For a ResNet it is the attention pool's query over the last feature map (the tower's only attention).",
+}
+RELEVANCE_NOTES = {
+    "vit": (
+        "By default only the last layer is used, as in Chefer's CLIP code; under *Relevance options* an earlier "
+        "first layer accumulates more layers (sharper, slower)."
+    ),
+    "resnet": "For a ResNet it is the gradient-weighted attention of the attention pool over the last feature map.",
 }
 UNAVAILABLE_NOTES = {
     ("resnet", "rollout"): (
@@ -487,7 +494,7 @@ def method_note(method: str, backbone: str) -> str:
     """The "how to read this" text for a method on a backbone."""
     if (backbone, method) in UNAVAILABLE_NOTES:
         return UNAVAILABLE_NOTES[(backbone, method)]
-    return METHOD_NOTES[method].format(backbone_note=BACKBONE_NOTES[backbone])
+    return METHOD_NOTES[method].format(backbone_note=BACKBONE_NOTES[backbone], relevance_note=RELEVANCE_NOTES[backbone])
 
 
 # ---- examples ----

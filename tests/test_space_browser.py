@@ -62,9 +62,10 @@ def test_upload_two_prompts_explain_shows_overlays_and_probabilities(page):
 
     overlays = page.locator("#overlays img")
     overlays.nth(1).wait_for(state="visible")
+    page.wait_for_function(  # decoded images, not broken links
+        "() => [...document.querySelectorAll('#overlays img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
     assert overlays.count() == 2
-    for index in range(2):  # decoded images, not broken links
-        assert overlays.nth(index).evaluate("img => img.complete && img.naturalWidth > 0")
     captions = page.locator("#overlays").inner_text()
     assert "a photo of a cat ·" in captions and "a photo of a dog ·" in captions
     probabilities = page.locator("#probabilities")
@@ -73,6 +74,17 @@ def test_upload_two_prompts_explain_shows_overlays_and_probabilities(page):
     assert "cat" in page.locator("#tokens").inner_text()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "space-explain.png"), full_page=True)
+
+
+def test_an_example_fills_the_inputs_and_explains(page):
+    page.locator("table tbody tr").first.click()  # the first example: a held-out scene and its captions
+    page.wait_for_function("() => document.querySelector('#prompts textarea').value.includes('purple square')")
+    page.wait_for_selector("#image img")
+    prompts = page.locator("#prompts textarea").input_value().splitlines()
+    page.click("#explain-button")
+    page.locator("#overlays img").nth(len(prompts) - 1).wait_for(state="visible")
+    assert page.locator("#overlays img").count() == len(prompts) == 3
+    assert all(p in page.locator("#probabilities").inner_text() for p in prompts)
 
 
 def readable_error(page, text: str, screenshot: str) -> str:

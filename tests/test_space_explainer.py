@@ -294,6 +294,8 @@ def test_every_method_has_a_note_for_every_backbone():
     assert "class token" in explainer.method_note("attention", "vit")
     assert "attention pool" in explainer.method_note("attention", "resnet")
     assert explainer.method_note("rollout", "resnet").startswith("Rollout needs")
+    assert "Relevance options" in explainer.method_note("relevance", "vit")
+    assert "attention pool" in explainer.method_note("relevance", "resnet")
 
 
 # ---- one request end to end ----
