@@ -219,13 +219,14 @@ def load_model(choice: ModelChoice) -> LoadedModel:
             f"The embedded model {name!r} is not here. Copy `embedded/{name}` into `space/models/{name}` (or set "
             "CLIPVIZ_EMBEDDED_DIR), or choose another model with CLIPVIZ_MODEL."
         )
-    from transformers import AutoModel, CLIPTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     try:
         kwargs = {"revision": choice.revision} if choice.revision else {}
         model = AutoModel.from_pretrained(choice.source, trust_remote_code=True, **kwargs).eval()
-        # named class: AutoTokenizer would consult config.json's auto_map and ask on stdin about remote code
-        tokenizer = CLIPTokenizer.from_pretrained(choice.source, **kwargs)
+        # the repo's own tokenizer (clipviz ships one giving OpenAI's exact ids); trusted like its model code, and
+        # said explicitly so transformers never stops to ask on stdin
+        tokenizer = AutoTokenizer.from_pretrained(choice.source, trust_remote_code=True, **kwargs)
         preprocessing = _preprocessor_config(choice.source, kwargs)
     except Exception as error:  # network, missing files, bad config: the user needs the reason, not a traceback
         raise ModelLoadError(f"Could not load the model {choice.label!r}: {_first_line(error)}") from error

@@ -144,6 +144,10 @@ def test_loaded_model_reads_its_preprocessing_numbers(loaded):
     assert vit.backbone == "vit" and vit.num_layers == 2 and vit.num_heads == 4 and vit.context_length == 77
     assert loaded["resnet"].backbone == "resnet" and loaded["resnet"].num_layers == 1
     assert callable(vit.overlay) and "jet" in vit.colormaps
+    # the folder's own tokenizer (OpenAI's text clean-up), not transformers' plain CLIPTokenizer
+    assert type(vit.tokenizer).__name__ == "CLIPVizTokenizer"
+    curly, straight = (vit.tokenizer(text)["input_ids"] for text in ("a cat’s toy &amp; ball", "a cat's toy & ball"))
+    assert curly == straight
 
 
 def test_cache_loads_each_model_once_even_under_concurrent_requests(model_dirs):
