@@ -50,7 +50,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                     value="a photo of a red circle\na photo of a blue square",
                     elem_id="prompts",
                 )
-                model = gr.Dropdown(list(cache.choices), value=cache.default_label, label="Model")
+                model = gr.Dropdown(list(cache.choices), value=cache.default_label, label="Model", elem_id="model")
                 method = gr.Radio(
                     [(explainer.METHOD_LABELS[m], m) for m in explainer.METHODS], value="relevance", label="Method"
                 )

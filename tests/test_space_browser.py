@@ -87,6 +87,14 @@ def test_an_example_fills_the_inputs_and_explains(page):
     assert all(p in page.locator("#probabilities").inner_text() for p in prompts)
 
 
+def test_a_model_that_cannot_load_says_why_on_the_page(page):
+    page.locator("#model input").click()
+    page.get_by_role("option", name="clipviz/clip-vit-b-32").click()
+    status = page.locator("#model-status")
+    status.get_by_text("Could not load the model 'clipviz/clip-vit-b-32'").wait_for()
+    assert "Traceback" not in status.inner_text()
+
+
 def readable_error(page, text: str, screenshot: str) -> str:
     """Wait until an error toast containing ``text`` is fully shown (visible and faded in), screenshot the viewport
     (the toast is fixed to it) and return the toast's message."""
