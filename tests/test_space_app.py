@@ -93,16 +93,22 @@ class SpaceServer:
 
 
 def model_env() -> dict:
-    """Where the server finds its default model: the embedded models when the repository has them; otherwise tiny
-    random models with the same folder layout (weights + code + CLIP tokenizer + processor config)."""
-    if (ROOT / "embedded" / "clipviz-tiny-vit" / "config.json").is_file():
+    """Where the server finds its models: the repository's embedded models through the Space's default lookup
+    (``../embedded``) when both are there; otherwise a folder with whichever exist and, for the others, tiny random
+    models with the same layout (weights + code + tokenizer + processor config)."""
+    names = {"clipviz-tiny-vit": "vit", "clipviz-tiny-resnet": "resnet"}
+    if all((ROOT / "embedded" / name / "config.json").is_file() for name in names):
         return {}
     from tests.test_space_explainer import save_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="clipviz-space-models-"))
     atexit.register(shutil.rmtree, folder, True)
-    save_tiny_model(folder / "clipviz-tiny-vit", "vit")
-    save_tiny_model(folder / "clipviz-tiny-resnet", "resnet")
+    for name, backbone in names.items():
+        real = ROOT / "embedded" / name
+        if (real / "config.json").is_file():
+            (folder / name).symlink_to(real, target_is_directory=True)
+        else:
+            save_tiny_model(folder / name, backbone)
     return {"CLIPVIZ_EMBEDDED_DIR": str(folder)}
 
 
