@@ -171,7 +171,8 @@ def test_raw_attention_with_the_all_heads_grid(client):
     overlays, _, _, heads, note = explain(
         client, SCENE, ["a photo of a blue circle"], method="attention", head_grid=True
     )
-    assert len(overlays) == 1 and len(heads) == 4 and heads[0]["caption"].endswith("head 1")
+    assert len(overlays) == 1 and len(heads) >= 2
+    assert [item["caption"].split(", ")[-1] for item in heads] == [f"head {h}" for h in range(1, len(heads) + 1)]
     assert "Raw attention" in note
 
 
