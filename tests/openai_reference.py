@@ -18,26 +18,24 @@ def openai_clip_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-@cache
-def openai_model_module():
-    """OpenAI's ``clip/model.py`` as a module named ``openai_clip_model``."""
-    path = openai_clip_dir() / "model.py"
-    spec = importlib.util.spec_from_file_location("openai_clip_model", path)
+def _load_by_path(filename: str, module_name: str):
+    spec = importlib.util.spec_from_file_location(module_name, openai_clip_dir() / filename)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@cache
+def openai_model_module():
+    """OpenAI's ``clip/model.py`` as a module named ``openai_clip_model``."""
+    return _load_by_path("model.py", "openai_clip_model")
 
 
 @cache
 def openai_tokenizer_module():
     """OpenAI's ``clip/simple_tokenizer.py`` as a module named ``openai_clip_tokenizer``."""
-    path = openai_clip_dir() / "simple_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("openai_clip_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _load_by_path("simple_tokenizer.py", "openai_clip_tokenizer")
 
 
 def openai_clip_args(config) -> tuple:
