@@ -31,7 +31,7 @@ import urllib.parse
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -173,18 +173,25 @@ def _is_torchscript(zf: zipfile.ZipFile, prefix: str) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+Progress = Callable[[int], Any]  # called with the number of bytes just read, e.g. a tqdm bar's ``update``
+
+
+def read_state_dict(path: str | os.PathLike, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Read any supported checkpoint into a flat ``{name: tensor}`` dict on the CPU, never running code from it.
 
     TorchScript archives (OpenAI's ``.pt``) → :func:`read_torchscript_state_dict`; ``torch.save`` files →
-    :func:`read_torch_pickle_state_dict`; safetensors → :func:`read_safetensors_state_dict`.
+    :func:`read_torch_pickle_state_dict`; safetensors → :func:`read_safetensors_state_dict`. ``progress``, when
+    given, is called with byte counts as the tensors are read (in one call at the end for ``torch.save`` files).
     """
     kind = detect_checkpoint_format(path)
     if kind == TORCHSCRIPT:
-        return read_torchscript_state_dict(path)
+        return read_torchscript_state_dict(path, progress)
     if kind == SAFETENSORS:
-        return read_safetensors_state_dict(path)
-    return read_torch_pickle_state_dict(path)
+        return read_safetensors_state_dict(path, progress)
+    state_dict = read_torch_pickle_state_dict(path)
+    if progress is not None:
+        progress(Path(path).stat().st_size)
+    return state_dict
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -279,15 +286,20 @@ _SAFETENSORS_ITEMSIZE = {
 }
 
 
-def read_safetensors_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_safetensors_state_dict(path: str | os.PathLike, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` file tensor by tensor (memory-mapped), after checking its header is consistent."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     validate_safetensors_header(path)
     try:
+        state_dict = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
+            for key in f.keys():
+                state_dict[key] = tensor = f.get_tensor(key)
+                if progress is not None:
+                    progress(tensor.numel() * tensor.element_size())
+        return state_dict
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
 
@@ -391,13 +403,13 @@ class TorchScriptCheckpoint:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-def read_torchscript_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_torchscript_state_dict(path: str | os.PathLike, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """The state dict of a TorchScript archive, equal to ``torch.jit.load(path).state_dict()`` (same keys in the
     same order, same dtypes, shapes, strides and bits), obtained without compiling or running the archive's code."""
-    return read_torchscript(path).state_dict
+    return read_torchscript(path, progress).state_dict
 
 
-def read_torchscript(path: str | os.PathLike) -> TorchScriptCheckpoint:
+def read_torchscript(path: str | os.PathLike, progress: Progress | None = None) -> TorchScriptCheckpoint:
     """Read a TorchScript archive's weights and its top module's scalar attributes. See the module docstring."""
     path = Path(path)
     _read_head(path, 1)
@@ -407,7 +419,7 @@ def read_torchscript(path: str | os.PathLike) -> TorchScriptCheckpoint:
             raise CheckpointError(
                 f"{path} is a torch.save archive, not TorchScript (no {prefix}code/ folder); use read_state_dict()"
             )
-        storages = _StorageReader(zf, prefix, _archive_byteorder(zf, prefix, path), path)
+        storages = _StorageReader(zf, prefix, _archive_byteorder(zf, prefix, path), path, progress)
         root = _unpickle_data(zf, prefix, storages, path)
         if not isinstance(root, _InertObject):
             raise CheckpointError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
@@ -560,8 +572,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 class _StorageReader:
     """Reads ``<prefix>data/<key>`` records into CPU tensors, one record at a time and each only once."""
 
-    def __init__(self, zf: zipfile.ZipFile, prefix: str, byteorder: str, path: Path) -> None:
-        self._zf, self._prefix, self._path = zf, prefix, path
+    def __init__(
+        self, zf: zipfile.ZipFile, prefix: str, byteorder: str, path: Path, progress: Progress | None = None
+    ) -> None:
+        self._zf, self._prefix, self._path, self._progress = zf, prefix, path, progress
         self._swap = byteorder != sys.byteorder
         self._archive_size = path.stat().st_size
         self._loaded: dict[str, torch.Tensor] = {}
@@ -602,16 +616,21 @@ class _StorageReader:
                 _read_exactly(f, memoryview(buffer.numpy()).cast("B"), name)
         except zipfile.BadZipFile as e:  # e.g. CRC mismatch
             raise CheckpointError(f"{self._path}: storage record {name} is corrupt ({e})") from None
+        if self._progress is not None:
+            self._progress(nbytes)
         if self._swap and itemsize > 1:
             unit = itemsize // 2 if dtype.is_complex else itemsize  # complex numbers: swap each component
             buffer = buffer.view(-1, unit).flip(1).reshape(-1)
         return buffer.view(dtype)
 
 
+_READ_CHUNK = 8 << 20  # zipfile's readinto reads into a temporary bytes object first: keep that one small
+
+
 def _read_exactly(f: BinaryIO, out: memoryview, name: str) -> None:
     done = 0
     while done < len(out):
-        n = f.readinto(out[done:])
+        n = f.readinto(out[done : done + _READ_CHUNK])
         if not n:
             raise CheckpointError(f"storage record {name} ended after {done} of {len(out)} bytes")
         done += n
