@@ -500,7 +500,7 @@ def convert_checkpoint(options: ConvertOptions) -> ConversionResult:
     dtype = hub_repo.DTYPES[options.dtype]
     with hub_repo.staged_folder(output_dir, options.overwrite) as staging:
         written = _read_convert_write(options, staging, dtype)
-        gc.collect()  # the source tensors are gone: the reloaded model is the only copy from here on
+        release_memory()  # the source tensors are gone: the reloaded model is the only copy from here on
         _status("Verifying: reloading the folder with AutoModel.from_pretrained(trust_remote_code=True)")
         report = verify.verify_folder(staging, written.records, dtype, written.probe, written.references)
         weight_files = sorted(p.name for p in staging.glob("model*.safetensors"))
@@ -551,18 +551,21 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
         f"Read {len(source.state_dict)} tensors ({source.nbytes / 1e6:,.1f} MB) in {time.perf_counter() - started:.1f} s"
     )
     openai_state_dict, changes = to_openai_layout(source.state_dict, options.source_format)
+    source.state_dict = {}  # from here on `openai_state_dict` holds the only references to the source tensors
     if changes and source.origin == "state_dict":
         source.origin = "open_clip"  # training wrappers / custom-text keys: an open_clip checkpoint
     notes = [f"Source layout: {'; '.join(changes)}."] if changes else []
     config = config_for_source(openai_state_dict, source, options, notes)
     with torch.device("meta"):
         model = CLIPVizModel(config)
+    map_openai_state_dict(openai_state_dict, model)  # names and shapes are checked before anything is cast
+    hub_repo.cast_weights_(openai_state_dict, dtype)  # the working copy, in the output dtype, replaces the source
     mapped = map_openai_state_dict(openai_state_dict, model)
     notes += hub_repo.write_processing_files(staging, config, source.image)
     hub_repo.write_config_and_code(staging, model, dtype)
     tokenizer = staging / "tokenizer.json"
     probe = verify.probe_inputs(config, source.image, tokenizer if tokenizer.is_file() else None)
-    _status("Running the reference implementations on the source weights")
+    _status(f"Running the reference implementations on the source weights in {str(dtype).removeprefix('torch.')}")
     references = verify.reference_outputs(openai_state_dict, config, probe, source.transformers_folder)
     records = hub_repo.write_weights(staging, mapped, dtype, options.max_shard_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
@@ -570,6 +573,19 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     return _Written(
         config, dataclasses.replace(source, state_dict={}), records, probe, references, notes, parameters, source_bytes
     )
+
+
+def release_memory() -> None:
+    """Free what is unreferenced and hand freed heap memory back to the OS, so that the model reloaded for
+    verification does not come on top of the released source tensors (glibc keeps freed blocks of the sizes
+    tensors have in its arenas; `malloc_trim` returns them). A no-op where there is no glibc."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def config_for_source(state_dict: Mapping, source, options: ConvertOptions, notes: list[str]) -> CLIPVizConfig:
@@ -895,7 +911,8 @@ def print_summary(result: ConversionResult) -> None:
         "maps with rows summing to 1, outputs finite",
         f"  time          {result.seconds:.1f} s",
         "",
-        f"Parity with independent implementations ({report.probe}):",
+        f"Parity with independent implementations on the same weights in {str(result.dtype).removeprefix('torch.')} "
+        f"({report.probe}):",
         parity_table(report.parity, markdown=False),
     ]
     if result.push is not None:

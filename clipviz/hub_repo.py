@@ -130,6 +130,42 @@ def cast_for_saving(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
+def cast_weights_(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Cast every floating tensor of `state_dict` to `dtype` in place, one at a time, so that each source tensor is
+    released as soon as its copy exists (the peak stays near one copy of the model, whichever dtype is larger).
+
+    Raises `NonFiniteWeightsError` naming the tensors that hold NaN/inf in the source, or that overflow in `dtype`.
+    """
+    from huggingface_hub.utils import tqdm
+
+    in_source, overflow = [], []
+    for name in tqdm(list(state_dict), desc=f"Converting to {str(dtype).removeprefix('torch.')}", unit="tensor"):
+        tensor = state_dict[name]
+        if not tensor.is_floating_point():
+            continue
+        if not all_finite(tensor):
+            in_source.append(name)
+        state_dict[name] = tensor = tensor.to(dtype)
+        if name not in in_source and not all_finite(tensor):
+            overflow.append(name)
+    if in_source or overflow:
+        parts = [f"the checkpoint has NaN or infinite values in {len(in_source)} tensors: {in_source[:10]}"] * bool(
+            in_source
+        )
+        if overflow:
+            parts.append(
+                f"{len(overflow)} tensors overflow when cast to {str(dtype).removeprefix('torch.')}: {overflow[:10]} "
+                "(choose a wider --dtype)"
+            )
+        raise NonFiniteWeightsError("Refusing to convert non-finite weights: " + "; ".join(parts) + ".")
+
+
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """`torch.isfinite(tensor).all()`, a few million elements at a time (no full-size boolean temporary)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(part).all()) for part in flat.split(chunk))
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
@@ -157,10 +193,9 @@ def plan_shards(nbytes: Mapping[str, int], max_shard_size: int | None) -> list[l
 def write_weights(
     folder: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype, max_shard_size: int | None = None
 ) -> dict[str, TensorRecord]:
-    """Write `tensors` (cast to `dtype`) as `model.safetensors`, or as shards plus `model.safetensors.index.json`
-    when they exceed `max_shard_size` bytes; return a record of every tensor written. Raises
-    `NonFiniteWeightsError` (after writing, into what is still the staging folder) when any saved tensor is not
-    finite, whether the source held NaN/inf or the cast to `dtype` overflowed."""
+    """Write `tensors` (cast to `dtype` where they are not yet) as `model.safetensors`, or as shards plus
+    `model.safetensors.index.json` when they exceed `max_shard_size` bytes; return a record of every tensor
+    written. Tensors are streamed one at a time: nothing is copied beyond the tensor being written."""
     from huggingface_hub.utils import tqdm
 
     layout = {name: _saved_layout(tensor, dtype) for name, tensor in tensors.items()}
@@ -171,12 +206,10 @@ def write_weights(
         if len(shards) == 1
         else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     )
-    records, non_finite = {}, []
+    records = {}
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, unit_divisor=1024, desc="Writing weights") as bar:
         for filename, shard in zip(names, shards, strict=True):
-            records.update(_write_shard(folder / filename, shard, tensors, layout, dtype, bar, non_finite))
-    if non_finite:
-        raise NonFiniteWeightsError(_non_finite_message(non_finite, tensors, dtype))
+            records.update(_write_shard(folder / filename, shard, tensors, layout, dtype, bar))
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(sizes.values())},
@@ -194,23 +227,9 @@ def _saved_layout(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.dtype
     return saved_dtype, tuple(tensor.shape), nbytes
 
 
-def _non_finite_message(names: list[str], tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
-    in_source = [name for name in names if not torch.isfinite(tensors[name]).all()]
-    overflow = [name for name in names if name not in in_source]
-    parts = []
-    if in_source:
-        parts.append(f"the checkpoint has NaN or infinite values in {len(in_source)} tensors: {in_source[:10]}")
-    if overflow:
-        parts.append(
-            f"{len(overflow)} tensors overflow when cast to {str(dtype).removeprefix('torch.')}: {overflow[:10]} "
-            "(choose a wider --dtype)"
-        )
-    return "Refusing to write non-finite weights: " + "; ".join(parts) + "."
-
-
-def _write_shard(path, names, tensors, layout, dtype, bar, non_finite: list[str]) -> dict[str, TensorRecord]:
+def _write_shard(path, names, tensors, layout, dtype, bar) -> dict[str, TensorRecord]:
     """One safetensors file: 8-byte header length, JSON header (space-padded to 8 bytes), then the tensors' bytes
-    back to back in header order. Non-finite tensors are noted in `non_finite` (checked once, while writing)."""
+    back to back in header order."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in names:
@@ -228,10 +247,7 @@ def _write_shard(path, names, tensors, layout, dtype, bar, non_finite: list[str]
         f.write(len(encoded).to_bytes(8, "little"))
         f.write(encoded)
         for name in names:
-            saved = cast_for_saving(tensors[name], dtype)
-            if saved.is_floating_point() and not torch.isfinite(saved).all():
-                non_finite.append(name)
-            data = tensor_bytes(saved)
+            data = tensor_bytes(cast_for_saving(tensors[name], dtype))
             f.write(data)
             saved_dtype, shape, _ = layout[name]
             records[name] = TensorRecord(saved_dtype, shape, hashlib.blake2b(data).hexdigest())
@@ -314,6 +330,7 @@ __all__ = [
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "cast_for_saving",
+    "cast_weights_",
     "check_output_dir",
     "folder_bytes",
     "image_processor_config",

@@ -152,8 +152,8 @@ def _checks(info: CardInfo) -> str:
         f"(converted to {info.dtype_name})",
         f"- outputs are finite and the rows of all {report.attention_maps} attention maps sum to 1 "
         f"(largest deviation {format_figure(report.attention_row_error)})",
-        f"- parity with independent implementations run on the source weights in float32, on {report.probe} "
-        "(max abs differences of L2-normalized embeddings and of logits):",
+        f"- parity with independent implementations run on the same weights in {info.dtype_name}, on "
+        f"{report.probe} (max abs differences of L2-normalized embeddings and of logits):",
         "",
         parity_table(report.parity, markdown=True),
     ]

@@ -165,7 +165,7 @@ def _openai_name_of_sha256(sha256: str) -> str | None:
 def _from_file(path: Path, source_format: str) -> Source:
     kind = checkpoint_io.detect_checkpoint_format(path)
     sha256 = sha256_file(path)
-    state_dict = checkpoint_io.read_state_dict(path)
+    state_dict = read_with_progress(path)
     openai_name = _openai_name_of_sha256(sha256)
     if source_format != "auto":
         origin = {"openai": "openai", "open_clip": "open_clip", "transformers": "transformers"}[source_format]
@@ -188,6 +188,16 @@ def _from_file(path: Path, source_format: str) -> Source:
         openai_name=openai_name,
         base_model=OPENAI_BASE_MODELS.get(openai_name),
     )
+
+
+def read_with_progress(path: Path) -> dict[str, torch.Tensor]:
+    """`checkpoint_io.read_state_dict` with a progress bar over the file's bytes."""
+    from huggingface_hub.utils import tqdm
+
+    with tqdm(
+        total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Reading {path.name}"
+    ) as bar:
+        return checkpoint_io.read_state_dict(path, progress=bar.update)
 
 
 def sha256_file(path: Path) -> str:
@@ -221,7 +231,7 @@ def _from_folder(path: Path, source_format: str) -> Source:
 def _read_files(files: list[Path]) -> dict[str, torch.Tensor]:
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
-        part = checkpoint_io.read_state_dict(file)
+        part = read_with_progress(file)
         clash = sorted(set(part) & set(state_dict))
         if clash:
             raise SourceError(f"{file.name} repeats tensors of another shard: {clash[:5]}.")

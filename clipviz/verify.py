@@ -114,9 +114,12 @@ def reference_outputs(
 ) -> dict[str, Outputs | str]:
     """Outputs of each independent implementation on the probe, or the reason it was skipped.
 
-    Both references run in float32 on the source tensors themselves (no copy where they already are float32).
+    The references run on the very tensors that are about to be written (the source, cast to the output dtype),
+    in that dtype: no second copy of the model is made. For a float32 conversion that is the source model in
+    float32 exactly (float16/bfloat16 -> float32 is lossless); for half precision the references run in half
+    precision too, so the figures compare implementations at that precision.
     """
-    weights = {key: value.float() if value.is_floating_point() else value for key, value in openai_state_dict.items()}
+    weights = openai_state_dict
     results: dict[str, Outputs | str] = {}
     try:
         results[OPENAI_REFERENCE] = _openai_reference(weights, config, probe)
@@ -164,9 +167,12 @@ def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
     }
     model.load_state_dict(own, strict=True, assign=True)
     _adapt_openai_model(model, config, module)
+    for layer in model.modules():  # OpenAI's LayerNorm computes in float32 and, on CPU, needs float32 weights
+        if isinstance(layer, torch.nn.LayerNorm):  # (OpenAI's own fp16 files keep them so): tiny copies
+            layer.float()
     model.eval()
     with torch.no_grad():  # what CLIP.forward computes, with the embeddings kept
-        image = model.encode_image(probe.pixel_values).float()
+        image = model.encode_image(probe.pixel_values).float()  # OpenAI casts the pixels to the weights' dtype
         text = model.encode_text(probe.input_ids).float()
         image, text = image / image.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp().float() * image @ text.t()
@@ -199,8 +205,9 @@ def _transformers_reference(weights, config, probe: ProbeInputs, folder: Path | 
     otherwise built from the OpenAI-layout tensors through the inverse key table."""
     from transformers import CLIPConfig, CLIPModel
 
-    if folder is not None:
-        model = CLIPModel.from_pretrained(folder, **_dtype_kwarg(torch.float32), attn_implementation="eager")
+    dtype = weights["ln_final.weight"].dtype
+    if folder is not None:  # transformers reads its own checkpoint: an independent check of the key tables too
+        model = CLIPModel.from_pretrained(folder, **_dtype_kwarg(dtype), attn_implementation="eager")
     else:
         from convert_weights import openai_to_transformers_state_dict
 
@@ -240,7 +247,7 @@ def _transformers_reference(weights, config, probe: ProbeInputs, folder: Path | 
             return f"skipped: could not build CLIPModel on the source tensors ({leftover[:3]} not set)"
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=probe.input_ids, pixel_values=probe.pixel_values)
+        out = model(input_ids=probe.input_ids, pixel_values=probe.pixel_values.to(dtype))
     return Outputs(out.image_embeds.float(), out.text_embeds.float(), out.logits_per_image.float())
 
 
@@ -283,10 +290,13 @@ def verify_folder(
         raise VerificationError(f"Reloading {folder.name} reported {problems or info['error_msgs']}.")
     checked = _check_tensors(model, records)
     with torch.no_grad():
-        out = model(input_ids=probe.input_ids, pixel_values=probe.pixel_values, output_attentions=True)
-    attentions = tuple(out.vision_model_output.attentions) + tuple(out.text_model_output.attentions)
+        out = model(input_ids=probe.input_ids, pixel_values=probe.pixel_values)
+        # every layer's attention, for the first image and text (the maps of a large model are large)
+        maps = model(input_ids=probe.input_ids[:1], pixel_values=probe.pixel_values[:1], output_attentions=True)
+    attentions = tuple(maps.vision_model_output.attentions) + tuple(maps.text_model_output.attentions)
     row_error = _check_outputs(out, attentions, model.config, dtype)
     converted = Outputs(out.image_embeds.float(), out.text_embeds.float(), out.logits_per_image.float())
+    del model, maps
     parity = [_parity_row(name, converted, reference, dtype) for name, reference in references.items()]
     probe_text = f"{probe.pixel_values.shape[0]} procedural scenes × {len(probe.texts)} captions"
     return VerificationReport(checked, len(attentions), row_error, parity, probe_text)
