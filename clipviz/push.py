@@ -108,7 +108,7 @@ def translate_hub_errors(
         status = error.response.status_code if error.response is not None else None
         raise PushError(_http_message(action, endpoint, status, repo_id, revision, error)) from None
     except Exception as error:  # the HTTP client's transport errors, whichever client library is in use
-        if not _is_network_error(error):
+        if not is_network_error(error):
             raise
         raise PushError(
             f"Network failure while {action}: the connection to {endpoint} failed ({type(error).__name__}: {error}). "
@@ -144,11 +144,12 @@ def _http_message(action, endpoint, status, repo_id, revision, error) -> str:
     return f"The Hub answered HTTP {status} while {action}: {server_says}"
 
 
-def _is_network_error(error: BaseException) -> bool:
+def is_network_error(error: BaseException) -> bool:
+    """Whether an exception is a transport failure (refused, reset, timed out) of whichever HTTP client is in use."""
     if isinstance(error, ConnectionError | TimeoutError):
         return True
     module = type(error).__module__.split(".")[0]
     return module in ("httpx", "httpx2", "httpcore", "requests", "urllib3") and "HTTPStatus" not in type(error).__name__
 
 
-__all__ = ["PushError", "PushResult", "check_token", "push_folder", "translate_hub_errors"]
+__all__ = ["PushError", "PushResult", "check_token", "is_network_error", "push_folder", "translate_hub_errors"]

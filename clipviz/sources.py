@@ -132,9 +132,20 @@ def load_source(
         return _from_file(path, source_format)
     if path.is_dir():
         return _from_folder(path, source_format)
+    openai_name = _openai_name_like(spec)
+    if openai_name:
+        raise SourceError(f"{spec} is not a file; to download OpenAI's checkpoint use --model {openai_name}.")
     if _looks_like_repo_id(spec) and not spec.startswith((".", "/", "~")):
         return _from_repo_id(spec, revision, cache_dir, source_format)
     raise SourceError(f"{spec} is neither a file, a folder nor a Hub repo id (ORG/NAME); check the path.")
+
+
+def _openai_name_like(spec: str) -> str | None:
+    try:
+        url = checkpoint_io.openai_checkpoint_url(spec)
+    except ValueError:
+        return None
+    return _openai_name_of_file(url.rsplit("/", 1)[1])
 
 
 # ---- OpenAI's published checkpoints ----
@@ -371,6 +382,8 @@ def _from_repo_id(repo_id: str, revision: str | None, cache_dir, source_format: 
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
+    from clipviz.push import is_network_error
+
     try:
         files = set(HfApi().list_repo_files(repo_id, revision=revision))
         patterns = _repo_patterns(repo_id, files)
@@ -384,6 +397,13 @@ def _from_repo_id(repo_id: str, revision: str | None, cache_dir, source_format: 
         raise SourceError(f"Hub repo {repo_id} has no revision {revision!r}.") from None
     except HfHubHTTPError as error:
         raise SourceError(f"Could not download {repo_id}: {error}") from None
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        raise SourceError(
+            f"Could not reach the Hub to download {repo_id} ({type(error).__name__}: {error}); check the connection "
+            "and HF_ENDPOINT, or pass a local folder (HF_HUB_OFFLINE=1 uses only what is cached)."
+        ) from None
     source = _from_folder(folder, source_format)
     source.name = repo_id.split("/")[-1]
     source.description = source.description.replace(folder.name, repo_id, 1)

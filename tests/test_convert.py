@@ -241,12 +241,14 @@ def test_plain_state_dicts_convert_to_the_same_weights(archives, converted_vit, 
 
 
 def tiny_transformers_clip(folder: Path, hidden_act: str = "gelu"):
+    """A transformers CLIPModel with its own 1000-token vocabulary (998/999 are start/end of text)."""
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(3)
     shape = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {"vocab_size": 1000, "bos_token_id": 998, "eos_token_id": 999, "pad_token_id": 0}
     config = CLIPConfig(
-        text_config={**shape, "vocab_size": OPENAI_VOCAB, "hidden_act": hidden_act},
+        text_config={**shape, **text, "hidden_act": hidden_act},
         vision_config={**shape, "image_size": 32, "patch_size": 8, "hidden_act": hidden_act},
         projection_dim=32,
     )
@@ -269,10 +271,14 @@ def test_transformers_folder_and_hub_repo_id(hub_server: HubServer, tmp_path, ca
     config = json.loads((tmp_path / "from-folder" / "config.json").read_text())
     assert config["text_config"]["hidden_act"] == config["vision_config"]["hidden_act"] == "gelu"
     converted = AutoModel.from_pretrained(tmp_path / "from-folder", trust_remote_code=True).eval()
-    inputs = {"input_ids": torch.tensor([[49406, 320, 1125, 49407, 0]]), "pixel_values": torch.randn(2, 3, 32, 32)}
+    inputs = {"input_ids": torch.tensor([[998, 320, 125, 999, 0]]), "pixel_values": torch.randn(2, 3, 32, 32)}
     with torch.no_grad():
         torch.testing.assert_close(converted(**inputs).logits_per_image, hf_model(**inputs).logits_per_image)
+    card = (tmp_path / "from-folder" / "README.md").read_text()
     assert metadata_load(tmp_path / "from-folder" / "README.md")["license"] == "apache-2.0"
+    assert "No tokenizer files" in card and not (tmp_path / "from-folder" / "tokenizer.json").exists()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)  # the variant without a tokenizer
+    exec(snippet.replace('repo = "from-folder"', f"repo = {str(tmp_path / 'from-folder')!r}"), {})
 
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
@@ -325,6 +331,16 @@ def test_open_clip_folder_with_gelu_and_custom_text_layout(archives, tmp_path, c
     model = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits_per_image, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_reading_reports_progress(archives, tmp_path):
+    """The converter's reading progress bar is fed by checkpoint_io's progress callback."""
+    for path in (archives["resnet"].path, tmp_path / "plain.safetensors"):
+        if path.suffix == ".safetensors":
+            save_file({"a": torch.ones(3, 5), "b": torch.zeros(7, dtype=torch.float16)}, path)
+        counted = []
+        state_dict = checkpoint_io.read_state_dict(path, progress=counted.append)
+        assert sum(counted) == sum(t.untyped_storage().nbytes() for t in state_dict.values()) > 0
 
 
 def test_key_tables_transformers_round_trip_and_errors(archives):

@@ -7,6 +7,7 @@ monkeypatch); the fresh process gets the environment variables.
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -24,13 +25,25 @@ from clipviz.push import PushError, push_folder
 from convert_weights import main
 from tests.convert_fixtures import HEAD_FLAGS, make_archive
 from tests.hub_server import USER, HubServer, hub_server_fixture  # noqa: F401 (importing registers the fixture)
+from tests.openai_reference import openai_tokenizer_module
 
 REPO = f"{USER}/clipviz-tiny"
 LABELS = ["a red circle", "a blue square", "a photo of a dog"]
+CORPUS = [
+    "a photo of a cat",
+    "Hello, World!!! (really?) -- yes; 100% sure.",
+    "naïve café in Zürich, Ελλάδα",
+    "東京タワーの写真",
+    "🙂🚀 emoji 👍🏽",
+    "  tabs\tand\nnewlines   everywhere  ",
+    "",
+    "it’s &amp; ﬁne",
+    "word " * 100,
+]
 
 FRESH_PROCESS = textwrap.dedent(
     """
-    import sys, torch
+    import json, sys, torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor, pipeline
     repo, inputs_path, image_path, out_path = sys.argv[1:5]
@@ -40,10 +53,12 @@ FRESH_PROCESS = textwrap.dedent(
     with torch.no_grad():
         out = model(**torch.load(inputs_path), output_attentions=True)
     classifier = pipeline("zero-shot-image-classification", model=repo, trust_remote_code=True)
+    corpus = json.load(open("corpus.json"))
     torch.save(
         {
             "module": type(model).__module__,
             "processor": type(processor).__name__,
+            "ids": [processor.tokenizer(text, truncation=True, max_length=77)["input_ids"] for text in corpus],
             "logits": out.logits_per_image,
             "attentions": out.vision_model_output.attentions + out.text_model_output.attentions,
             "scores": classifier(Image.open(image_path), candidate_labels=labels),
@@ -90,6 +105,12 @@ def convert_and_push(archive, out: Path, capsys, *extra: str) -> tuple[int, str,
     return code, captured.out, captured.err
 
 
+def openai_ids(text: str) -> list[int]:
+    """OpenAI's SimpleTokenizer ids as `clip.tokenize(text, truncate=True)` lays them out, without the padding."""
+    ids = [49406, *openai_tokenizer_module().SimpleTokenizer().encode(text), 49407]
+    return ids[:76] + [49407] if len(ids) > 77 else ids
+
+
 def tree(api: HfApi, revision: str) -> dict[str, str]:
     """path -> blob id of every file at a revision."""
     return {entry.path: entry.blob_id for entry in api.list_repo_tree(REPO, revision=revision, recursive=True)}
@@ -102,6 +123,7 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, api, archive, fo
 
     inputs = archive.inputs()
     torch.save(inputs, tmp_path / "inputs.pt")
+    (tmp_path / "corpus.json").write_text(json.dumps(CORPUS))
     pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "image.png")
     env = {**hub.environ(tmp_path / "cache"), "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": ""}
@@ -113,6 +135,7 @@ def test_push_then_load_from_the_server_in_a_fresh_process(hub, api, archive, fo
     loaded = torch.load(tmp_path / "out.pt")
     assert loaded["module"].startswith("transformers_modules.")  # the Hub's remote-code path, not this checkout
     assert loaded["processor"] == "CLIPProcessor"
+    assert loaded["ids"] == [openai_ids(text) for text in CORPUS]  # the Hub copy tokenizes exactly as OpenAI does
 
     local = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     with torch.no_grad():
