@@ -86,8 +86,9 @@ def save_vit_b16(folder: Path) -> Path:
 
 
 def model_env(name: str, workdir: Path) -> dict:
-    if name == "embedded":
-        if not (ROOT / "embedded" / "clipviz-tiny-vit" / "config.json").is_file():
+    if name == "embedded":  # the Space's own lookup: $CLIPVIZ_EMBEDDED_DIR, space/models, then embedded/
+        roots = [Path(os.environ["CLIPVIZ_EMBEDDED_DIR"])] if os.environ.get("CLIPVIZ_EMBEDDED_DIR") else []
+        if not any((root / "clipviz-tiny-vit" / "config.json").is_file() for root in roots + [ROOT / "embedded"]):
             raise SystemExit("embedded/clipviz-tiny-vit is missing: train it first (python -m clipviz.train_embedded)")
         return {}
     if name == "vit-b-16":
