@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -203,7 +204,7 @@ def train(settings: TrainSettings, tokenizer, log=print):
     mean = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
     model.train()
-    train_started = time.time()
+    train_started, cpu_started = time.time(), time.process_time()
     for step in range(settings.steps):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, settings)
@@ -221,11 +222,15 @@ def train(settings: TrainSettings, tokenizer, log=print):
             log(
                 f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step, settings):.2e}  {time.time() - train_started:.0f} s"
             )
-    train_seconds = time.time() - train_started
+    train_seconds, cpu_seconds = time.time() - train_started, time.process_time() - cpu_started
     model.eval()
     zero_shot = zero_shot_accuracy(model, tokenizer, settings.eval_scenes)
-    log(f"trained {settings.steps} steps in {train_seconds / 60:.1f} min; held-out zero-shot top-1 {zero_shot:.3f}")
-    return model, {"train_seconds": round(train_seconds, 1), "zero_shot_top1": round(zero_shot, 4)}
+    log(
+        f"trained {settings.steps} steps in {train_seconds / 60:.1f} min wall, {cpu_seconds / 60:.1f} min CPU "
+        f"({settings.threads} threads); held-out zero-shot top-1 {zero_shot:.3f}"
+    )
+    summary = {"train_seconds": round(train_seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1)}
+    return model, {**summary, "zero_shot_top1": round(zero_shot, 4)}
 
 
 @torch.no_grad()
@@ -322,7 +327,8 @@ tags:
 
 # clipviz tiny {vision.backbone} (embedded default model)
 
-A tiny CLIP trained **from scratch** in about {summary["train_seconds"] / 60:.0f} minutes on a 2-core CPU, on the
+A tiny CLIP trained **from scratch** in {summary["train_seconds"] / 60:.0f} minutes on a shared 2-core CPU
+({summary["train_cpu_seconds"] / 60:.0f} CPU-minutes with {settings.threads} threads), on the
 procedural scenes of `clipviz.scenes` (1-3 coloured shapes on textured, noisy backgrounds). It knows only
 {len(scenes.COLORS)} colours ({", ".join(scenes.COLORS)}) and {len(scenes.SHAPES)} shapes ({", ".join(scenes.SHAPES)}),
 with captions such as "a photo of a red circle". It exists so that clipviz works offline and so that its
@@ -352,10 +358,10 @@ Reproduce: `{command}` (fixed seeds; `training_args.json` lists every setting).
 """
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings, Path]:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings | None, Path | list[Path]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backbone", choices=sorted(VISION_CONFIGS), required=True)
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--backbone", choices=sorted(VISION_CONFIGS))
+    parser.add_argument("--output-dir", type=Path)
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
     parser.add_argument("--pool-size", type=int, default=TrainSettings.pool_size)
@@ -363,7 +369,18 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings, Path]:
     parser.add_argument("--seed", type=int, default=TrainSettings.seed)
     parser.add_argument("--eval-scenes", type=int, default=TrainSettings.eval_scenes)
     parser.add_argument("--no-bf16", action="store_true", help="train in fp32 (about 2x slower on CPU)")
+    parser.add_argument(
+        "--refresh-code",
+        type=Path,
+        nargs="+",
+        metavar="DIR",
+        help="only copy the repository's current modeling/configuration files into these saved model folders",
+    )
     args = parser.parse_args(argv)
+    if args.refresh_code:
+        return None, args.refresh_code
+    if args.backbone is None or args.output_dir is None:
+        parser.error("--backbone and --output-dir are required (unless --refresh-code is given)")
     settings = TrainSettings(
         backbone=args.backbone,
         steps=args.steps,
@@ -387,8 +404,26 @@ def load_tokenizer(output_dir: Path):
     return CLIPTokenizer.from_pretrained(output_dir)
 
 
+CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py")
+
+
+def refresh_code(folders: list[Path]) -> None:
+    """Copy the current remote-code files into saved model folders (after a change to the model code, so that
+    `trust_remote_code` users of the embedded models get it); the weights and configs stay as they are."""
+    root = Path(__file__).resolve().parent.parent
+    for folder in folders:
+        if not (folder / "config.json").is_file():
+            raise SystemExit(f"{folder} is not a saved model folder (no config.json)")
+        for name in CODE_FILES:
+            shutil.copyfile(root / name, folder / name)
+            print(f"copied {name} -> {folder}")
+
+
 def main(argv: list[str] | None = None) -> int:
     settings, output_dir = parse_args(argv)
+    if settings is None:
+        refresh_code(output_dir)
+        return 0
     root = Path(__file__).resolve().parent.parent
     if str(root) not in sys.path:  # configuration_clipviz / modeling_clipviz are top-level modules of the checkout
         sys.path.insert(0, str(root))
