@@ -32,6 +32,7 @@ model for real photos."""
 def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
     """The Blocks app; ``cache`` defaults to the models listed by ``explainer.model_choices()``."""
     cache = cache or explainer.ModelCache.from_env()
+    files = explainer.OutputFiles()
     with gr.Blocks(title="clipviz: where does CLIP look?") as demo:
         gr.Markdown(INTRO)
         with gr.Row():
@@ -77,7 +78,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
             with gr.Column(scale=2):
                 overlays = gr.Gallery(
                     label="Where CLIP looks, per prompt", columns=2, height="auto", object_fit="contain",
-                    format="jpeg", elem_id="overlays",
+                    elem_id="overlays",
                 )  # fmt: skip
                 probabilities = gr.Label(
                     label="Zero-shot probabilities (softmax over your prompts)",
@@ -87,9 +88,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                 tokens = gr.HighlightedText(
                     label="Which words carried the match (relevance per token)", show_legend=False, elem_id="tokens"
                 )
-                heads = gr.Gallery(
-                    label="Every head", columns=4, height="auto", object_fit="contain", format="jpeg", visible=False
-                )
+                heads = gr.Gallery(label="Every head", columns=4, height="auto", object_fit="contain", visible=False)
                 note = gr.Markdown(explainer.method_note("relevance", "vit"), elem_id="how-to-read")
         rows = explainer.load_examples(EXAMPLES_DIR)
         if rows:
@@ -106,7 +105,8 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                 result = explainer.run_request(cache, image, prompts, model, settings)
             except UserError as error:
                 raise gr.Error(str(error), print_exception=False) from error
-            return result.overlays, result.probabilities, result.token_relevance, result.head_grid, result.note
+            overlays, heads = files.save(result.overlays), files.save(result.head_grid)
+            return overlays, result.probabilities, result.token_relevance, heads, result.note
 
         def show_model(label, method_name):
             try:

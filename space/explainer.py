@@ -627,6 +627,53 @@ def head_grid_images(loaded: LoadedModel, prepared: Prepared, maps: list[np.ndar
     return [(draw(loaded, prepared, m, settings, thumb), f"{where}head {h + 1}") for h, m in enumerate(maps)]
 
 
+# ---- files handed to Gradio ----
+
+
+class OutputFiles:
+    """Writes result images as JPEG files, one fresh folder per request, and removes the oldest folders.
+
+    Why files and not PIL images: Gradio caches a returned PIL image under its content hash and rewrites that cache
+    file *in place*, so two requests with the same answer (two visitors clicking the same example) race: one client
+    can be downloading the file while the other request truncates it (seen as "peer closed connection"). A returned
+    *path* is copied into the cache atomically (staged, renamed, reused when already there), so each request writes
+    its own files here. Gradio copies them while the request finishes; ``keep`` folders back are long gone from use.
+    """
+
+    def __init__(self, root: Path | None = None, keep: int = 64, quality: int = 90):
+        import tempfile
+
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="clipviz-space-"))  # Gradio may serve it
+        self.keep = keep
+        self.quality = quality
+        self._folders: list[Path] = []
+        self._lock = threading.Lock()
+
+    def save(self, images: list[tuple[Image.Image, str]]) -> list[tuple[str, str]]:
+        """``(image, caption)`` → ``(path, caption)``, the files in a new folder of their own."""
+        import tempfile
+
+        if not images:
+            return []
+        folder = Path(tempfile.mkdtemp(dir=self.root))
+        saved = []
+        for index, (image, caption) in enumerate(images):
+            path = folder / f"{index:02d}.jpeg"
+            image.save(path, "JPEG", quality=self.quality)
+            saved.append((str(path), caption))
+        self._retire(folder)
+        return saved
+
+    def _retire(self, newest: Path) -> None:
+        import shutil
+
+        with self._lock:
+            self._folders.append(newest)
+            old, self._folders = self._folders[: -self.keep], self._folders[-self.keep :]
+        for folder in old:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 # ---- the request handler (what the UI and the API call) ----
 
 

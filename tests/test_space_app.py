@@ -305,6 +305,35 @@ def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
         assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k], abs=1e-6) for k in got)
 
 
+def test_identical_requests_at_once_all_get_their_files(server):
+    """Two visitors clicking the same example get identical overlays; serving one must not break the other's download
+    (Gradio rewrites a returned PIL image's cache file in place, so the Space returns files it wrote itself)."""
+    prompts = ["a photo of a purple square", "a photo of a blue circle", "a photo of a white triangle"]
+    sessions = [Client(server.url, verbose=False) for _ in range(8)]
+    results: list = [None] * len(sessions)
+    errors: list = []
+    barrier = threading.Barrier(len(sessions))
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            for _ in range(2):
+                results[index] = explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
+        except Exception as error:  # collected: a broken download must fail the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    for overlays, _, _, heads, _ in results:
+        for item in overlays + heads:
+            with Image.open(item["image"]) as picture:
+                picture.load()  # complete, decodable files
+
+
 def test_full_queue_answers_with_a_clear_message():
     small = SpaceServer(CLIPVIZ_QUEUE_SIZE="1", CLIPVIZ_CONCURRENCY="1", **model_env())
     try:

@@ -417,6 +417,20 @@ def test_tiny_and_thin_images_explain(loaded, size):
     assert result.overlays[0][0].size == imaging.display_size(size, explainer.DISPLAY_LONGEST)
 
 
+def test_output_files_are_fresh_per_request_and_old_ones_are_removed(tmp_path):
+    files = explainer.OutputFiles(tmp_path, keep=2)
+    first = files.save([(photo((20, 10)), "a"), (photo((10, 20)), "b")])
+    assert [caption for _, caption in first] == ["a", "b"]
+    assert Path(first[0][0]).parent == Path(first[1][0]).parent and Path(first[0][0]).parent.parent == tmp_path
+    with Image.open(first[1][0]) as saved:
+        assert saved.format == "JPEG" and saved.size == (10, 20)
+    second = files.save([(photo((20, 10)), "a")])  # the same picture again: a file of its own
+    assert second[0][0] != first[0][0] and Path(first[0][0]).is_file()
+    files.save([(photo(), "c")])  # a third folder: the first one goes
+    assert not Path(first[0][0]).exists() and Path(second[0][0]).is_file()
+    assert files.save([]) == []
+
+
 # ---- examples ----
 
 
