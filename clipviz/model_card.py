@@ -97,7 +97,8 @@ def _introduction(info: CardInfo) -> str:
 def _snippet(info: CardInfo) -> str:
     size = info.image_size
     if info.has_tokenizer:
-        body = f'''import torch
+        body = f'''# pip install torch transformers pillow ftfy regex  (ftfy and regex: OpenAI's exact tokenizer)
+import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, pipeline
 

@@ -106,7 +106,7 @@ def _token_ids(texts: list[str], text_config, tokenizer_file: Path | None) -> to
     return ids
 
 
-# ---- references, computed from the source tensors ----
+# ---- references, computed from the source tensors (in the output dtype) ----
 
 
 def reference_outputs(
@@ -119,16 +119,15 @@ def reference_outputs(
     float32 exactly (float16/bfloat16 -> float32 is lossless); for half precision the references run in half
     precision too, so the figures compare implementations at that precision.
     """
-    weights = openai_state_dict
     results: dict[str, Outputs | str] = {}
     try:
-        results[OPENAI_REFERENCE] = _openai_reference(weights, config, probe)
+        results[OPENAI_REFERENCE] = _openai_reference(openai_state_dict, config, probe)
     except ImportError as error:
         results[OPENAI_REFERENCE] = f"skipped: {error}"
     if config.vision_config.backbone != "vit":
         results[TRANSFORMERS_REFERENCE] = "skipped: transformers' CLIPModel has no ResNet image tower"
     else:
-        results[TRANSFORMERS_REFERENCE] = _transformers_reference(weights, config, probe, transformers_folder)
+        results[TRANSFORMERS_REFERENCE] = _transformers_reference(openai_state_dict, config, probe, transformers_folder)
     return results
 
 

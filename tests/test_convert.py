@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from transformers import AutoModel, AutoProcessor
 
 import convert_weights
-from clipviz import checkpoint_io, hub_repo
+from clipviz import checkpoint_io, hub_repo, verify
 from convert_weights import (
     CheckpointKeyError,
     build_parser,
@@ -441,6 +441,39 @@ def test_bad_weights_leave_no_output(archives, tmp_path, capsys):
     assert code == 1 and "--overwrite" in stderr
     code, _, _ = run([tmp_path / "nan.safetensors", "--output-dir", existing, "--overwrite", *HEAD_FLAGS], capsys)
     assert code == 1 and (existing / "keep.txt").read_text() == "mine" and no_leftovers(existing)
+
+
+def test_verification_catches_a_corrupted_file_and_a_wrong_model(archives, tmp_path, capsys, monkeypatch):
+    """The always-on checks fail the conversion (and leave nothing behind) when the written file does not reload
+    into the source tensors, or when the outputs disagree with an independent implementation."""
+    written = hub_repo.write_weights
+
+    def write_then_flip_a_bit(folder, *args, **kwargs):
+        records = written(folder, *args, **kwargs)
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.seek(-3, 2)
+            byte = f.read(1)
+            f.seek(-3, 2)
+            f.write(bytes([byte[0] ^ 1]))
+        return records
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hub_repo, "write_weights", write_then_flip_a_bit)
+        code, _, stderr = run([archives["resnet"].path, "--output-dir", tmp_path / "a", *HEAD_FLAGS], capsys)
+    assert code == 1 and "differ from the converted source tensors" in stderr
+    assert not (tmp_path / "a").exists() and no_leftovers(tmp_path / "a")
+
+    references = verify.reference_outputs
+
+    def shifted_references(*args, **kwargs):
+        results = references(*args, **kwargs)
+        results[verify.OPENAI_REFERENCE].logits_per_image += 1.0
+        return results
+
+    monkeypatch.setattr(verify, "reference_outputs", shifted_references)
+    code, _, stderr = run([archives["resnet"].path, "--output-dir", tmp_path / "b", *HEAD_FLAGS], capsys)
+    assert code == 1 and re.search(r"disagrees with OpenAI clip/model.py.*logits_per_image 1", stderr)
+    assert not (tmp_path / "b").exists()
 
 
 class Payload:
