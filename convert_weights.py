@@ -951,7 +951,7 @@ def print_summary(result: ConversionResult) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`clipviz-convert`: returns the exit status (0 done, 1 conversion or push failed, 2 bad arguments)."""
-    from clipviz.checkpoint_io import DownloadError
+    from clipviz.checkpoint_io import DownloadError  # CheckpointError, SourceError, ... are ValueErrors
     from clipviz.push import PushError
     from clipviz.verify import VerificationError
 
@@ -971,7 +971,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"error: {error}{where}", file=sys.stderr)
         return 1
-    except (ValueError, KeyError, DownloadError, VerificationError) as error:
+    except (ValueError, CheckpointKeyError, DownloadError, VerificationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print_summary(result)

@@ -208,7 +208,9 @@ def read_with_progress(path: Path) -> dict[str, torch.Tensor]:
     with tqdm(
         total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Reading {path.name}"
     ) as bar:
-        return checkpoint_io.read_state_dict(path, progress=bar.update)
+        state_dict = checkpoint_io.read_state_dict(path, progress=bar.update)
+        bar.update(bar.total - bar.n)  # the file also holds headers and code, which are not tensor bytes
+        return state_dict
 
 
 def sha256_file(path: Path) -> str:
