@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -67,26 +66,33 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
+def staging_path(output_dir: Path) -> Path:
+    """`<output>.partial`, next to the output folder. A fixed name on purpose: transformers copies the code of every
+    folder it loads with trust_remote_code into its module cache under the folder's name, so random names would
+    leave a new copy there on each conversion."""
+    return output_dir.with_name(f"{output_dir.name}.partial")
+
+
 @contextmanager
 def staged_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder next to `output_dir`; move it to `output_dir` when the block succeeds,
-    delete it when the block raises."""
+    """Yield an empty folder next to `output_dir`; move it to `output_dir` when the block succeeds, delete it when
+    the block raises."""
     output_dir = output_dir.resolve()
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.partial-", dir=output_dir.parent))
+    staging = staging_path(output_dir)
     try:
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+        staging.mkdir()
+    except FileExistsError:
+        raise OutputFolderError(
+            f"{staging} exists: another conversion into {output_dir} is running, or one was killed. If none is "
+            "running, delete that folder and try again."
+        ) from None
+    try:
         yield staging
         _publish(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _publish(staging: Path, output_dir: Path) -> None:

@@ -138,7 +138,7 @@ def assert_bitwise(saved: dict[str, torch.Tensor], source: dict[str, torch.Tenso
 
 
 def no_leftovers(folder: Path) -> bool:
-    return not any(".partial-" in path.name or ".old-" in path.name for path in folder.parent.iterdir())
+    return not any(path.name.endswith(".partial") or ".old-" in path.name for path in folder.parent.iterdir())
 
 
 # ---- OpenAI archives -> complete repo folders ----
@@ -554,5 +554,10 @@ def test_staged_folder_replaces_only_on_success(tmp_path):
     with hub_repo.staged_folder(target, overwrite=True) as staging:
         (staging / "b.txt").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and no_leftovers(target)
+    hub_repo.staging_path(target.resolve()).mkdir()  # a conversion killed before it could clean up
+    with pytest.raises(hub_repo.OutputFolderError, match="delete that folder"):
+        with hub_repo.staged_folder(target, overwrite=True):
+            pass
+    assert (target / "b.txt").is_file()
     assert hub_repo.plan_shards({"a": 5, "b": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
     assert hub_repo.parse_size("2GB") == 2 * 10**9 and hub_repo.parse_size("1GiB") == 2**30
