@@ -579,7 +579,10 @@ def _resolve_explain_options(method: str, options: dict, backbone: str, heads: i
             resolved[name] = _check_layer(name, resolved[name], text.num_hidden_layers)
     if "head" in resolved:
         valid_heads = list(range(min(heads, text.num_attention_heads))) + list(_HEAD_CHOICES)
-        _check_choice_option("head", resolved["head"], valid_heads)
+        head = resolved["head"]
+        is_head = isinstance(head, str) or (isinstance(head, int) and not isinstance(head, bool))  # not 1.0 / True
+        if not is_head or head not in valid_heads:
+            raise ValueError(f"`head`={head!r} is not valid here; valid values: {', '.join(map(repr, valid_heads))}.")
     if "head_fusion" in resolved:
         _check_choice_option("head_fusion", resolved["head_fusion"], _ROLLOUT_FUSIONS)
     if "discard_ratio" in resolved:

@@ -312,6 +312,15 @@ def model_card(model, settings: TrainSettings, summary: dict) -> str:
         )
     text = model.config.text_config
     params = sum(p.numel() for p in model.parameters())
+    if vision.backbone == "vit":
+        explain_options = ", start_layer=0"
+        explain_note = (
+            "On this small ViT, relevance over all layers (`start_layer=0`) localizes the named object far better "
+            "than the default last layer only (see `benchmarks/eval_localization.py`)."
+        )
+    else:
+        explain_options = ""
+        explain_note = "The ResNet's map lives on its attention-pool grid (image size / 32 per side)."
     command = (
         f"python -m clipviz.train_embedded --backbone {settings.backbone} --output-dir <dir> --steps {settings.steps}"
     )
@@ -347,12 +356,15 @@ explanation maps can be checked against the scenes' object masks. It is not a ge
 ```python
 from transformers import AutoModel, AutoTokenizer, CLIPImageProcessor
 model = AutoModel.from_pretrained(path, trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 processor = CLIPImageProcessor.from_pretrained(path)
 ids = tokenizer(["a photo of a red circle"], padding=True, return_tensors="pt")
 pixels = processor(images=image, return_tensors="pt")["pixel_values"]
-maps = model.explain(pixels, ids["input_ids"], ids["attention_mask"], method="relevance")
+maps = model.explain(pixels, ids["input_ids"], ids["attention_mask"], method="relevance"{explain_options})
+picture = model.overlay(image, maps.image_maps[0, 0])  # PIL image, the map blended over the original
 ```
+
+{explain_note}
 
 Reproduce: `{command}` (fixed seeds; `training_args.json` lists every setting).
 """
@@ -408,15 +420,19 @@ CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py")
 
 
 def refresh_code(folders: list[Path]) -> None:
-    """Copy the current remote-code files into saved model folders (after a change to the model code, so that
-    `trust_remote_code` users of the embedded models get it); the weights and configs stay as they are."""
+    """Copy the current remote-code files into saved model folders and rewrite their tokenizer files (after a
+    change to that code, so that `trust_remote_code` users of the embedded models get it); weights and configs
+    stay as they are."""
+    from clipviz.tokenizer_files import write_tokenizer_files
+
     root = Path(__file__).resolve().parent.parent
     for folder in folders:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder} is not a saved model folder (no config.json)")
         for name in CODE_FILES:
             shutil.copyfile(root / name, folder / name)
-            print(f"copied {name} -> {folder}")
+        write_tokenizer_files(folder, context_length=CONTEXT_LENGTH)
+        print(f"refreshed {', '.join(CODE_FILES)} and the tokenizer files in {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:

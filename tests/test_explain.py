@@ -302,6 +302,7 @@ def test_discard_never_drops_class_to_class_and_is_per_sample():
         ("vit", "attention", {"layer": 2}, "valid values: -2 .. 1"),
         ("resnet", "attention", {"layer": 1}, "valid values: -1 .. 0"),
         ("vit", "attention", {"head": 2}, "valid values: 0, 1, 'mean', 'max'"),
+        ("vit", "attention", {"head": 1.0}, "valid values: 0, 1, 'mean', 'max'"),
         ("vit", "rollout", {"head_fusion": "median"}, "'mean', 'max', 'min'"),
         ("vit", "rollout", {"discard_ratio": 1.0}, r"\[0, 1\)"),
         ("vit", "relevance", {"start_layer_text": -3}, "valid values: -2 .. 1"),
