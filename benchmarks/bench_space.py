@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be at least 20 for a meaningful p95")
     browser = not args.no_browser and shutil.which(CHROMIUM) is not None
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-              "request": "1 image (451x300 JPEG) x 3 prompts, relevance", "models": {}}  # fmt: skip
+              "request": "1 image (451x300 JPEG) x 3 prompts, relevance", "models": {},
+              "load_average_before": [round(x, 2) for x in os.getloadavg()]}  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="bench-space-"))
     try:
         for name in args.models.split(","):
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry["concurrency"] = concurrent_clients(server.url)
             finally:
                 server.stop()
+            entry["load_average_after"] = [round(x, 2) for x in os.getloadavg()]  # other work on the machine
             report["models"][name] = entry
             print(f"{name}: {json.dumps(entry)}", flush=True)
     finally:
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['request']} on {report['machine']}")
+    print(f"\n{report['request']} on {report['machine']}; load average before: {report['load_average_before']}")
     print(f"{'model':<10} {'mode':<8} {'p50 s':>7} {'p95 s':>7} {'n':>4}")
     for name, entry in report["models"].items():
         for mode in ("api", "browser"):
