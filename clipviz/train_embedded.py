@@ -420,9 +420,9 @@ CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py")
 
 
 def refresh_code(folders: list[Path]) -> None:
-    """Copy the current remote-code files into saved model folders and rewrite their tokenizer files (after a
-    change to that code, so that `trust_remote_code` users of the embedded models get it); weights and configs
-    stay as they are."""
+    """Copy the current remote-code files into saved model folders and rewrite their tokenizer files and model
+    card (after a change to that code, so that `trust_remote_code` users of the embedded models get it); weights
+    and configs stay as they are."""
     from clipviz.tokenizer_files import write_tokenizer_files
 
     root = Path(__file__).resolve().parent.parent
@@ -432,17 +432,20 @@ def refresh_code(folders: list[Path]) -> None:
         for name in CODE_FILES:
             shutil.copyfile(root / name, folder / name)
         write_tokenizer_files(folder, context_length=CONTEXT_LENGTH)
-        print(f"refreshed {', '.join(CODE_FILES)} and the tokenizer files in {folder}")
+        record = json.loads((folder / "training_args.json").read_text())
+        settings = TrainSettings(**record["settings"])
+        (folder / "README.md").write_text(model_card(build_model(settings.backbone), settings, record["summary"]))
+        print(f"refreshed {', '.join(CODE_FILES)}, the tokenizer files and README.md in {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:
     settings, output_dir = parse_args(argv)
-    if settings is None:
-        refresh_code(output_dir)
-        return 0
     root = Path(__file__).resolve().parent.parent
     if str(root) not in sys.path:  # configuration_clipviz / modeling_clipviz are top-level modules of the checkout
         sys.path.insert(0, str(root))
+    if settings is None:
+        refresh_code(output_dir)
+        return 0
     tokenizer = load_tokenizer(output_dir)
     model, summary = train(settings, tokenizer, log=lambda line: print(line, flush=True))
     summary["nonzero_token_rows"] = zero_unseen_token_rows(model, tokenizer)

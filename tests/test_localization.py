@@ -6,6 +6,7 @@ table), on a smaller fixed held-out set so the test stays fast.
 
 import filecmp
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +30,19 @@ FLOORS = {
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("eval_localization", ROOT / "benchmarks" / "eval_localization.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    torch.set_num_threads(2)
-    return load_benchmark()
+    # one thread: the tiny models' ops are too small to split, and two threads on a busy 2-core machine wait
+    # on each other at every op (measured: 100x slower per call under load)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield load_benchmark()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", params=MODELS)
