@@ -265,33 +265,15 @@ def zero_unseen_token_rows(model, tokenizer) -> int:
     return int(keep.sum())
 
 
-def image_processor(size: int):
-    """CLIP's processor with the numbers training used: resize the short side, centre crop, OpenAI mean/std."""
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        do_resize=True,
-        size={"shortest_edge": size},
-        resample=3,  # bicubic
-        do_center_crop=True,
-        crop_size={"height": size, "width": size},
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(OPENAI_MEAN),
-        image_std=list(OPENAI_STD),
-        do_convert_rgb=True,
-    )
-
-
 def save(model, settings: TrainSettings, summary: dict, output_dir: Path) -> None:
     """The model (safetensors + config with auto_map + code), tokenizer and processor files, and a model card."""
-    from clipviz.tokenizer_files import write_tokenizer_files
+    from clipviz.hub_repo import write_processing_files
+    from clipviz.sources import ImageSettings
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
-    write_tokenizer_files(output_dir, context_length=CONTEXT_LENGTH)
-    image_processor(model.config.vision_config.image_size).save_pretrained(output_dir)
+    # the converter's writer: tokenizer, OpenAI's preprocessing at the model's size, and the CLIPProcessor config
+    write_processing_files(output_dir, model.config, ImageSettings())
     record = {"settings": asdict(settings), "summary": summary}
     (output_dir / "training_args.json").write_text(json.dumps(record, indent=2) + "\n")
     (output_dir / "README.md").write_text(model_card(model, settings, summary))
