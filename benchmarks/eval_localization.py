@@ -13,7 +13,7 @@ Metrics (multi-object scenes: one map per object, prompted with that object's ca
 - ``pair``: text conditioning: for objects A != B of a scene, the map for A puts more mass on A than the map for B
   does (ties count 1/2, so a prompt-independent map scores exactly 0.5).
 - ``same-col``: strict pointing on the objects that share their colour with another object (only the shape word
-  tells them apart: the hard case).
+  tells them apart: the hard case); ``uniq-col``: the same on the objects whose colour is unique in the scene.
 
 Also zero-shot top-1 over the 30 captions on single-object scenes, and a random-map baseline (uniform noise per
 cell) scored the same way.
@@ -57,7 +57,7 @@ METHODS = {
     },
 }
 RANDOM = "random map"
-METRICS = ("point", "point±1", "energy", "wrong", "pair", "same-col")
+METRICS = ("point", "point±1", "energy", "wrong", "pair", "same-col", "uniq-col")
 
 
 @dataclass
@@ -132,8 +132,7 @@ def score_scene(maps: np.ndarray, coverages: list[np.ndarray], colors: list[str]
         out["point±1"].append(float((coverages[k][near(top, grid, 1)] > 0).any()))
         out["energy"].append(float(energy[k, k]))
         out["wrong"].append(float(not touches[k] and any(t for j, t in enumerate(touches) if j != k)))
-        if colors.count(colors[k]) > 1:
-            out["same-col"].append(float(touches[k]))
+        out["same-col" if colors.count(colors[k]) > 1 else "uniq-col"].append(float(touches[k]))
         for j in range(len(maps)):
             if j != k:
                 out["pair"].append(1.0 if energy[k, k] > energy[j, k] else 0.5 if energy[k, k] == energy[j, k] else 0.0)

@@ -694,6 +694,18 @@ def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
 
 
+def _class_token_through_block(block, hidden: torch.Tensor, cls_weights: torch.Tensor) -> torch.Tensor:
+    """A ViT block's output at the class token as a function of that token's attention row: the operations of
+    `CLIPVizResidualAttentionBlock.forward` for one query. hidden: the block's input `[I, N, D]`; cls_weights:
+    `[I, heads, 1, N]`. Returns `[I, D]`."""
+    attention, width = block.self_attn, hidden.shape[-1]
+    qkv = attention.qkv_proj  # fused q, k, v along the output dimension: the values are the last third
+    value = F.linear(block.ln_1(hidden), qkv.weight[2 * width :], qkv.bias[2 * width :])  # [I, N, D]
+    context = cls_weights.to(value.dtype) @ _split_heads(value, attention.num_heads)  # [I, heads, 1, head_dim]
+    x = hidden[:, :1] + attention.out_proj(_merge_heads(context))  # [I, 1, D]
+    return (x + block.mlp(block.ln_2(x)))[:, 0]  # [I, D]
+
+
 def _require_grad(module, args, output):
     """Forward hook: an output computed without grad (frozen parameters) becomes a leaf that requires grad."""
     return output if output.requires_grad else output.detach().requires_grad_(True)
@@ -822,13 +834,19 @@ class CLIPVizExplainMixin:
         self._check_text(input_ids, attention_mask)
         _check_image_size(pixel_values, vision_config, False)
         needs_grad = method in ("relevance", "gradcam")
+        # relevance from the last ViT layer only is recomputed from the class token's row (see
+        # `_last_layer_relevance`): the image tower then runs without a graph
+        shortcut = method == "relevance" and backbone == "vit" and resolved["start_layer"] == layers - 1
         # frozen parameters must not keep the attentions out of the graph: the image side gets this from
         # `pixel_values.requires_grad_`, the text side from a hook on the token embedding
         hook = self.text_model.token_embedding.register_forward_hook(_require_grad) if needs_grad else None
         try:
             with torch.enable_grad() if needs_grad else torch.no_grad():
-                pixel_values = pixel_values.detach().requires_grad_(needs_grad)
-                towers = self._encode_for_explanations(pixel_values, input_ids, attention_mask, method == "gradcam")
+                pixel_values = pixel_values.detach().requires_grad_(needs_grad and not shortcut)
+                towers = self._encode_for_explanations(
+                    pixel_values, input_ids, attention_mask, method == "gradcam", needs_grad and not shortcut
+                )
+                towers["shortcut"] = shortcut
                 image_maps, text_maps = getattr(self, f"_explain_{method}")(towers, input_ids, resolved)
         finally:
             if hook is not None:
@@ -844,10 +862,14 @@ class CLIPVizExplainMixin:
 
     # -- shared forward
 
-    def _encode_for_explanations(self, pixel_values, input_ids, attention_mask, hidden_states: bool) -> dict:
-        """One pass of each tower with attentions (and hidden states for Grad-CAM): projected features,
-        normalized features and the logits of every pair."""
-        vision = self.vision_model(pixel_values, output_attentions=True, output_hidden_states=hidden_states)
+    def _encode_for_explanations(
+        self, pixel_values, input_ids, attention_mask, hidden_states: bool, image_graph: bool
+    ) -> dict:
+        """One pass of each tower with attentions and hidden states: projected features, normalized features
+        and the logits of every pair. Text hidden states only for Grad-CAM; the image tower builds an autograd
+        graph only when `image_graph`."""
+        with torch.set_grad_enabled(image_graph and torch.is_grad_enabled()):
+            vision = self.vision_model(pixel_values, output_attentions=True, output_hidden_states=True)
         text = self.text_model(input_ids, attention_mask, output_attentions=True, output_hidden_states=hidden_states)
         image_features = self.vision_model.project(vision.pooler_output)  # [I, P]
         text_features = text.pooler_output @ self.text_projection.to(text.pooler_output.dtype)  # [T, P]
@@ -897,11 +919,14 @@ class CLIPVizExplainMixin:
         num_images, num_texts = logits.shape
         start = options.get("start_layer", 0)
         image_weights = list(towers["vision"].attentions[start:])  # ViT: layers >= start; ResNet: the pool
-        grads = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
-        if self.config.vision_config.backbone == "resnet":
-            cam = (grads[0].float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
+        if towers["shortcut"]:
+            image = self._last_layer_relevance(towers)  # [T, I, gh*gw]
+        elif self.config.vision_config.backbone == "resnet":
+            (grad,) = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
+            cam = (grad.float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
             image = cam[:, :, 0, 1:]  # [T, I, h*w]: the mean token's query row, grid keys only
         else:
+            grads = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
             image = _chefer_relevance(image_weights, grads)[:, :, 0, 1:]  # [T, I, gh*gw]
         text_weights = list(towers["text"].attentions[options["start_layer_text"] :])
         text_grads = _batched_grads(logits, text_weights, _one_hot_cotangents(num_images, num_texts, "image", logits))
@@ -909,6 +934,27 @@ class CLIPVizExplainMixin:
         eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
         text = _eot_rows(relevance - eye, input_ids)  # [I, T, L]
         return self._to_grid(image.transpose(0, 1), towers), text
+
+    def _last_layer_relevance(self, towers) -> torch.Tensor:
+        """Chefer's image relevance over the last ViT layer alone: there `R = I + cam`, so the map is the class
+        token's row of `mean_h ReLU(dy/dA * A)`, and only that row of `A` reaches the logit.
+
+        The block is recomputed for the class token alone from its detached input, so each prompt's backward
+        costs one token instead of all of them (autograd would push zero rows through every token's MLP).
+        Returns `[T, I, gh*gw]`.
+        """
+        vision, outputs = self.vision_model, towers["vision"]
+        hidden = outputs.hidden_states[-2].detach()  # [I, N, D]: the last block's input
+        weights = outputs.attentions[-1][:, :, :1].detach().requires_grad_(True)  # [I, heads, 1, N]
+        with torch.enable_grad():
+            pooled = vision.ln_post(_class_token_through_block(vision.encoder.layers[-1], hidden, weights))  # [I, D]
+            features = vision.project(pooled)  # [I, P]
+            unit = features / features.norm(dim=-1, keepdim=True)
+            logits = self.logit_scale.exp().to(unit.dtype) * unit @ towers["text_unit"].detach().t()  # [I, T]
+            cotangents = _one_hot_cotangents(logits.shape[0], logits.shape[1], "text", logits)
+            (grad,) = _batched_grads(logits, [weights], cotangents)  # [T, I, heads, 1, N]
+        cam = (grad.float() * weights.detach().float()[None]).clamp(min=0).mean(dim=2)  # [T, I, 1, N]
+        return cam[:, :, 0, 1:]
 
     def _explain_gradcam(self, towers, input_ids, options):
         image_features, text_features = towers["image_features"], towers["text_features"]
