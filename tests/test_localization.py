@@ -20,10 +20,18 @@ EMBEDDED = ROOT / "embedded"
 MODELS = ("clipviz-tiny-vit", "clipviz-tiny-resnet")
 SINGLE, MULTI = 200, 96
 
-# floors per model: zero-shot top-1, best method's strict pointing, margin of every method over the random map
+# Floors per model (measured on this set: ViT top-1 0.99, relevance over all layers 0.86 strict pointing, 0.14
+# wrong object, 0.97 pair; ResNet top-1 1.00, relevance 1.00 / 0.00 / 1.00): zero-shot top-1, the best method's
+# strict pointing, its wrong-object ceiling and text-conditioning floor, and every method's margin over the random map.
 FLOORS = {
-    "clipviz-tiny-vit": {"top1": 0.85, "best": ("relevance (all layers)", 0.80), "margin": 0.10},
-    "clipviz-tiny-resnet": {"top1": 0.85, "best": ("relevance", 0.70), "margin": 0.05},
+    "clipviz-tiny-vit": {
+        "top1": 0.93,
+        "best": ("relevance (all layers)", 0.80),
+        "wrong": 0.20,
+        "pair": 0.90,
+        "margin": 0.15,
+    },
+    "clipviz-tiny-resnet": {"top1": 0.95, "best": ("relevance", 0.95), "wrong": 0.05, "pair": 0.95, "margin": 0.10},
 }
 
 
@@ -90,8 +98,8 @@ def test_pointing_game_floors_and_controls(loaded, results):
             assert metrics["point"] >= random["point"] + floors["margin"], (name, metrics, random)
             assert metrics["energy"] > random["energy"], (name, metrics, random)
     # the map for one object's caption lands on another object rarely, and depends on the caption
-    assert results[best_name]["wrong"] <= 0.15
-    assert results[best_name]["pair"] >= 0.75
+    assert results[best_name]["wrong"] <= floors["wrong"]
+    assert results[best_name]["pair"] >= floors["pair"]
     assert random["pair"] == pytest.approx(0.5, abs=0.1)
 
 
