@@ -190,7 +190,6 @@ def seed_everything(seed: int) -> torch.Generator:
 
 def train(settings: TrainSettings, tokenizer, log=print):
     """Train and return ``(model, summary)``; ``summary`` holds timings and the held-out zero-shot accuracy."""
-    torch.set_num_threads(settings.threads)
     generator = seed_everything(settings.seed)
     model = build_model(settings.backbone)
     init_position_embedding(model, settings.pos_embed_scale)
@@ -428,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     if settings is None:
         refresh_code(output_dir)
         return 0
+    torch.set_num_threads(settings.threads)
     tokenizer = load_tokenizer(output_dir)
     model, summary = train(settings, tokenizer, log=lambda line: print(line, flush=True))
     summary["nonzero_token_rows"] = zero_unseen_token_rows(model, tokenizer)
