@@ -809,8 +809,9 @@ class CLIPVizExplainMixin:
                 - `"relevance"` (default): Chefer et al. 2021 gradient x attention, `R <- R + mean_h ReLU(dy/dA * A) R`
                   from the identity, with `y` the image-prompt logit; the image map is the class token's row, the
                   text map the end-of-text token's row minus the identity. Options: `start_layer` (ViT, first image
-                  layer used, default -1 = the last one, as Chefer's CLIP code; 0 uses every layer: sharper on small
-                  models, about twice the cost) and `start_layer_text` (default -1). ResNet: the attention pool's
+                  layer used, default -1 = the last one, as Chefer's CLIP code, and about the cost of a forward
+                  whatever the number of prompts; 0 uses every layer: sharper on small models, but one image-tower
+                  backward per prompt) and `start_layer_text` (default -1). ResNet: the attention pool's
                   gradient-weighted attention `mean_h ReLU(dy/dA * A)` of the mean token over the grid.
                 - `"gradcam"`: Grad-CAM with `y` = image embedding . unit text embedding, on the last ResNet stage
                   (channel weights = mean gradient over the grid) or on the tokens entering the last ViT block
