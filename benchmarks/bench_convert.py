@@ -4,7 +4,9 @@ The archive is made like OpenAI's published files: OpenAI's reference `clip/mode
 saved with `torch.jit.save`, in fp16 (OpenAI's `convert_weights`, as published) or fp32. Each step runs in its own
 subprocess; the conversion process reports its own peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`, which
 includes the Python, torch and transformers imports, about 0.4 GB) and its RSS right after those imports. The goal
-is a peak of at most 1.3x the checkpoint's size in bytes; the script prints the ratio with and without the imports.
+is a peak of at most 1.3x the checkpoint's size in bytes. The script prints the ratio with and without the imports,
+and the floor any converter that verifies by reloading the model has: imports + the written weights, which must all
+be resident for the verification forward pass (for OpenAI's fp16 ViT-L/14 that floor alone is above 1.3x).
 
     python benchmarks/bench_convert.py                        # fp16 archive -> fp16 repo (OpenAI's file, kept as is)
     python benchmarks/bench_convert.py --archive-dtype fp32 --dtype fp32
@@ -90,7 +92,9 @@ def main() -> None:
         if not archive.is_file():
             make_archive(archive, args.archive_dtype)
         size = archive.stat().st_size
-        result = convert(archive, work / f"clipviz-vit-l-14-{args.dtype}", args.dtype, args.extra)
+        output = work / f"clipviz-vit-l-14-{args.dtype}"
+        result = convert(archive, output, args.dtype, args.extra)
+        weight_bytes = sum(path.stat().st_size for path in output.glob("model*.safetensors"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -102,7 +106,12 @@ def main() -> None:
     print(f"peak RSS         {result['peak_rss'] / 1e9:.3f} GB")
     print(f"peak / checkpoint {ratio:.2f}x (goal <= {GOAL_RATIO}x: {'met' if ratio <= GOAL_RATIO else 'NOT met'})")
     own = (result["peak_rss"] - result["after_imports"]) / size
-    print(f"(peak - RSS after imports) / checkpoint {own:.2f}x: the conversion's own memory, without the interpreter")
+    print(
+        f"(peak - RSS after imports) / checkpoint {own:.2f}x: the conversion's own memory, without the interpreter "
+        f"(goal <= {GOAL_RATIO}x: {'met' if own <= GOAL_RATIO else 'NOT met'})"
+    )
+    floor = (result["after_imports"] + weight_bytes) / size
+    print(f"floor: (RSS after imports + written weights {weight_bytes / 1e9:.3f} GB) / checkpoint {floor:.2f}x")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ For ViT-B/16 and RN50 (transformers has no ResNet CLIP), batch 1 and 16, fp32 an
 (images + as many 77-token texts), without and with attentions. Prints a markdown table and the ratios the
 project targets: clipviz plain <= 1.0x the fastest peer, with attentions <= 1.05x clipviz plain, bf16 >= 2x fp32.
 
-    python benchmarks/bench_forward.py [--repeats 3] [--archs ViT-B/16 RN50] [--batches 1 16]
+    python benchmarks/bench_forward.py [--repeats 7] [--archs ViT-B/16 RN50] [--batches 1 16]
 """
 
 import argparse
@@ -26,14 +26,20 @@ from convert_weights import from_openai_state_dict  # noqa: E402
 from tests.openai_reference import randomized_openai_clip  # noqa: E402
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations and kernel selection
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(runs: dict, repeats: int) -> dict:
+    """Median seconds of each callable, timed in interleaved rounds (each round runs every callable once, in a
+    rotated order) so that slow drifts of the machine (frequency, other load) hit every implementation alike."""
+    for run in runs.values():
+        run()  # warm-up: first-call allocations and kernel selection
+    labels = list(runs)
+    times = {label: [] for label in labels}
+    for round_index in range(repeats):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            start = time.perf_counter()
+            runs[label]()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
 def transformers_clip(config: CLIPVizConfig, implementation: str, dtype):
@@ -115,8 +121,9 @@ def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
             images, texts = inputs(config, batch, dtype)
             row = {"arch": name, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
             with torch.no_grad():
-                for label, run in runs.items():
-                    row[label] = median_seconds(partial(run, images, texts), repeats)
+                row.update(
+                    interleaved_medians({label: partial(run, images, texts) for label, run in runs.items()}, repeats)
+                )
             rows.append(row)
             print(f"  measured {name} batch {batch} {row['dtype']}", file=sys.stderr, flush=True)
     return rows
@@ -153,13 +160,13 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["ViT-B/16", "RN50"], choices=CLIPVizConfig.PRESET_NAMES)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     dtypes = [getattr(torch, d) for d in args.dtypes]
     rows = [row for name in args.archs for row in bench_arch(name, args.batches, dtypes, args.repeats)]
     print(
         f"clipviz forward benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats}\n"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats} interleaved rounds\n"
     )
     print(report(rows))
 
