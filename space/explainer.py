@@ -192,9 +192,8 @@ class LoadedModel:
         return self.config.vision_config.num_attention_heads
 
     @property
-    def selectable_heads(self) -> int:
-        """Heads ``explain(method="attention", head=i)`` accepts: the index is applied to both towers."""
-        return min(self.num_heads, self.config.text_config.num_attention_heads)
+    def num_text_heads(self) -> int:
+        return self.config.text_config.num_attention_heads
 
     @property
     def context_length(self) -> int:
@@ -410,7 +409,10 @@ def method_options(loaded: LoadedModel, settings: Settings) -> dict:
     if method not in VALID_METHODS[backbone]:
         raise UserError(UNAVAILABLE_NOTES[(backbone, method)])
     if method == "attention":
-        options = {"head": _head_option(settings.head, loaded.selectable_heads)}
+        head = _head_option(settings.head, loaded.num_heads)
+        # the token row uses the same head where the text tower has it, else the mean over its heads
+        text_head = head if isinstance(head, str) or head < loaded.num_text_heads else "mean"
+        options = {"head": head, "text_head": text_head}
         if backbone == "vit":
             options["layer"] = _layer_index(settings.layer, loaded.num_layers, "layer")
         return options
@@ -454,8 +456,7 @@ def _head_option(head: str | int, num_heads: int) -> str | int:
         number = 0
     if not 1 <= number <= num_heads:
         raise UserError(
-            f"The head must be 'mean', 'max' or a number from 1 to {num_heads} for this model, not {head!r} "
-            "(the head number applies to both towers, so it stops at the smaller head count)."
+            f"The head must be 'mean', 'max' or a number from 1 to {num_heads} for this model, not {head!r}."
         )
     return number - 1
 
@@ -480,12 +481,15 @@ def controls(loaded: LoadedModel) -> Controls:
     status = (
         f"**{loaded.choice.label}**: {tower}, {loaded.num_heads} heads, {vision.image_size}×{vision.image_size} input."
     )
-    if loaded.selectable_heads < loaded.num_heads:
-        status += f" Single heads 1–{loaded.selectable_heads} (the text tower has fewer heads); the grid shows all."
+    if loaded.num_text_heads < loaded.num_heads:
+        status += (
+            f" The text tower has {loaded.num_text_heads} heads: for image heads above that, the token row shows "
+            "the mean over its heads."
+        )
     return Controls(
         methods=[(METHOD_LABELS[m], m) for m in valid],
         layers=["last"] + [str(n) for n in range(1, loaded.num_layers + 1)],
-        heads=list(HEAD_FUSIONS) + [str(h) for h in range(1, loaded.selectable_heads + 1)],
+        heads=list(HEAD_FUSIONS) + [str(h) for h in range(1, loaded.num_heads + 1)],
         has_layers=loaded.backbone == "vit",
         status=status + "".join(f"\n\n{text}" for text in missing),
     )

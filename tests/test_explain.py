@@ -119,6 +119,26 @@ def test_attention_is_the_class_token_row(vit, layer, head):
             torch.testing.assert_close(result.text_maps[i, t], scaled(text_row(fuse(text)[t], t)))
 
 
+def test_image_and_text_heads_are_chosen_per_tower():
+    """ViT-B/16 has 12 image heads and 8 text heads: an image head the text tower lacks needs its own `text_head`."""
+    torch.manual_seed(0)
+    vision = {**VISION["vit"], "num_attention_heads": 4}
+    model = CLIPVizModel(CLIPVizConfig(text_config=dict(TEXT), vision_config=vision, projection_dim=16)).eval()
+    px = pixels("vit")
+    with pytest.raises(ValueError, match=r"`head`=3 exists in the image tower \(4 heads\) but not in the text tower"):
+        model.explain(px, IDS, MASK, method="attention", head=3)
+    with pytest.raises(ValueError, match=r"`text_head`=2 is not valid here; valid values: 0, 1, 'mean', 'max'"):
+        model.explain(px, IDS, MASK, method="attention", head=3, text_head=2)
+    out = model(input_ids=IDS, pixel_values=px, attention_mask=MASK, output_attentions=True)
+    result = model.explain(px, IDS, MASK, method="attention", head=3, text_head="max")
+    image = out.vision_model_output.attentions[-1][:, 3, 0, 1:]  # [I, 16]
+    text = out.text_model_output.attentions[-1].amax(1)  # [T, L, L]
+    for i in range(2):
+        for t in range(3):
+            torch.testing.assert_close(result.image_maps[i, t].flatten(), scaled(image[i]))
+            torch.testing.assert_close(result.text_maps[i, t], scaled(text_row(text[t], t)))
+
+
 def test_resnet_attention_is_the_attention_pool_query_row(resnet):
     px = pixels("resnet")
     out = resnet(input_ids=IDS, pixel_values=px, output_attentions=True)

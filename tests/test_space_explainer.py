@@ -30,7 +30,7 @@ OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def save_tiny_model(folder: Path, backbone: str, seed: int = 0) -> Path:
+def save_tiny_model(folder: Path, backbone: str, seed: int = 0, **text_overrides) -> Path:
     """A complete model folder: a tiny random clipviz model with CLIP's real vocabulary, tokenizer files and
     ``preprocessor_config.json``. Biases are randomised (OpenAI's init zeroes them) so every path carries signal."""
     from transformers import CLIPImageProcessor
@@ -40,6 +40,7 @@ def save_tiny_model(folder: Path, backbone: str, seed: int = 0) -> Path:
     from modeling_clipviz import CLIPVizModel
 
     text = {**TINY_TEXT, "vocab_size": CLIP_VOCAB, "bos_token_id": CLIP_VOCAB - 2, "eos_token_id": CLIP_VOCAB - 1}
+    text.update(text_overrides)
     config = CLIPVizConfig(text_config=text, vision_config=dict(TINY_VISION[backbone]), projection_dim=32)
     torch.manual_seed(seed)
     model = CLIPVizModel(config).eval()
@@ -229,9 +230,9 @@ def test_settings_from_ui_values():
 @pytest.mark.parametrize(
     ("backbone", "settings", "options"),
     [
-        ("vit", Settings("attention"), {"head": "mean", "layer": 1}),
-        ("vit", Settings("attention", layer=1, head="4"), {"head": 3, "layer": 0}),
-        ("vit", Settings("attention", head="max"), {"head": "max", "layer": 1}),
+        ("vit", Settings("attention"), {"head": "mean", "text_head": "mean", "layer": 1}),
+        ("vit", Settings("attention", layer=1, head="4"), {"head": 3, "text_head": 3, "layer": 0}),
+        ("vit", Settings("attention", head="max"), {"head": "max", "text_head": "max", "layer": 1}),
         (
             "vit",
             Settings("rollout", head_fusion="min", discard_ratio=0.5),
@@ -240,7 +241,7 @@ def test_settings_from_ui_values():
         ("vit", Settings("relevance"), {}),
         ("vit", Settings("relevance", start_layer=1), {"start_layer": 0}),
         ("vit", Settings("gradcam"), {}),
-        ("resnet", Settings("attention", head="2"), {"head": 1}),
+        ("resnet", Settings("attention", head="2"), {"head": 1, "text_head": 1}),
         ("resnet", Settings("relevance", start_layer=1), {}),
         ("resnet", Settings("gradcam"), {}),
     ],
@@ -382,10 +383,30 @@ def test_head_grid_equals_explain_attention_per_head(loaded, backbone):
     maps = explainer.head_maps(model, prepared.pixel_values, settings)
     assert len(maps) == model.num_heads
     ids = explainer.tokenize_prompts(model.tokenizer, ["a cat"], 77)
-    for head in range(model.selectable_heads):
+    for head in range(model.num_heads):
         options = explainer.method_options(model, Settings("attention", layer=settings.layer, head=str(head + 1)))
         expected = model.model.explain(prepared.pixel_values, ids.input_ids, ids.attention_mask, "attention", **options)
         assert np.allclose(maps[head], expected.image_maps[0, 0].numpy(), atol=1e-5)
+
+
+def test_image_heads_the_text_tower_lacks_fall_back_to_its_mean(tmp_path):
+    """ViT-B/16-like head counts (more image than text heads): every image head is offered; the token row uses
+    the same head where the text tower has it and the mean over its heads otherwise."""
+    model = explainer.load_model(
+        ModelChoice("tiny", str(save_tiny_model(tmp_path / "m", "vit", num_attention_heads=2)))
+    )
+    assert (model.num_heads, model.num_text_heads) == (4, 2)
+    offered = explainer.controls(model)
+    assert offered.heads == ["mean", "max", "1", "2", "3", "4"] and "the mean over its heads" in offered.status
+    options = {h: explainer.method_options(model, Settings("attention", head=h)) for h in ("2", "4", "max")}
+    assert options["2"] == {"head": 1, "text_head": 1, "layer": 1}
+    assert options["4"] == {"head": 3, "text_head": "mean", "layer": 1}
+    assert options["max"] == {"head": "max", "text_head": "max", "layer": 1}
+    result = explainer.run_request(
+        explainer.ModelCache([model.choice], loader=lambda choice: model), png_bytes(photo()), "a cat", None,
+        Settings("attention", head="4"),
+    )  # fmt: skip
+    assert len(result.overlays) == 1
 
 
 def test_request_with_head_grid(loaded):
