@@ -711,6 +711,17 @@ def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
 
 
+def _class_token_attention(block, hidden: torch.Tensor) -> torch.Tensor:
+    """The class token's attention row in a ViT block, from the block's input `[I, N, D]`: `[I, heads, 1, N]`,
+    computed as the block computes it, for that one query."""
+    attention, width = block.self_attn, hidden.shape[-1]
+    qkv, normed = attention.qkv_proj, block.ln_1(hidden)
+    query = F.linear(normed[:, :1], qkv.weight[:width], qkv.bias[:width])  # [I, 1, D]
+    key, value = F.linear(normed, qkv.weight[width:], qkv.bias[width:]).chunk(2, dim=-1)  # 2 x [I, N, D]
+    heads = [_split_heads(t, attention.num_heads) for t in (query, key, value)]  # [I, heads, 1 or N, head_dim]
+    return multi_head_attention(*heads, need_weights=True)[1]
+
+
 def _class_token_through_block(block, hidden: torch.Tensor, cls_weights: torch.Tensor) -> torch.Tensor:
     """A ViT block's output at the class token as a function of that token's attention row: the operations of
     `CLIPVizResidualAttentionBlock.forward` for one query. hidden: the block's input `[I, N, D]`; cls_weights:
@@ -863,7 +874,7 @@ class CLIPVizExplainMixin:
             with torch.enable_grad() if needs_grad else torch.no_grad():
                 pixel_values = pixel_values.detach().requires_grad_(needs_grad and not shortcut)
                 towers = self._encode_for_explanations(
-                    pixel_values, input_ids, attention_mask, method == "gradcam", needs_grad and not shortcut
+                    pixel_values, input_ids, attention_mask, method == "gradcam", needs_grad and not shortcut, shortcut
                 )
                 towers["shortcut"] = shortcut
                 image_maps, text_maps = getattr(self, f"_explain_{method}")(towers, input_ids, resolved)
@@ -882,13 +893,14 @@ class CLIPVizExplainMixin:
     # -- shared forward
 
     def _encode_for_explanations(
-        self, pixel_values, input_ids, attention_mask, hidden_states: bool, image_graph: bool
+        self, pixel_values, input_ids, attention_mask, hidden_states: bool, image_graph: bool, last_layer_only: bool
     ) -> dict:
         """One pass of each tower with attentions and hidden states: projected features, normalized features
         and the logits of every pair. Text hidden states only for Grad-CAM; the image tower builds an autograd
-        graph only when `image_graph`."""
+        graph only when `image_graph`, and returns no attentions when `last_layer_only` (the relevance shortcut
+        recomputes the one row it needs, so the tower runs on the fast attention path)."""
         with torch.set_grad_enabled(image_graph and torch.is_grad_enabled()):
-            vision = self.vision_model(pixel_values, output_attentions=True, output_hidden_states=True)
+            vision = self.vision_model(pixel_values, output_attentions=not last_layer_only, output_hidden_states=True)
         text = self.text_model(input_ids, attention_mask, output_attentions=True, output_hidden_states=hidden_states)
         image_features = self.vision_model.project(vision.pooler_output)  # [I, P]
         text_features = text.pooler_output @ self.text_projection.to(text.pooler_output.dtype)  # [T, P]
@@ -935,24 +947,28 @@ class CLIPVizExplainMixin:
 
     def _explain_relevance(self, towers, input_ids, options):
         logits = towers["logits"]
-        num_images, num_texts = logits.shape
-        start = options.get("start_layer", 0)
-        image_weights = list(towers["vision"].attentions[start:])  # ViT: layers >= start; ResNet: the pool
         if towers["shortcut"]:
             image = self._last_layer_relevance(towers)  # [T, I, gh*gw]
-        elif self.config.vision_config.backbone == "resnet":
-            (grad,) = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
-            cam = (grad.float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
-            image = cam[:, :, 0, 1:]  # [T, I, h*w]: the mean token's query row, grid keys only
         else:
-            grads = _batched_grads(logits, image_weights, _one_hot_cotangents(num_images, num_texts, "text", logits))
-            image = _chefer_relevance(image_weights, grads)[:, :, 0, 1:]  # [T, I, gh*gw]
+            image_weights = list(towers["vision"].attentions[options.get("start_layer", 0) :])  # ResNet: the pool
+            cotangents = _one_hot_cotangents(*logits.shape, "text", logits)
+            grads = _batched_grads(logits, image_weights, cotangents)  # each [T, I, heads, q, k]
+            if self.config.vision_config.backbone == "resnet":
+                cam = (grads[0].float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
+                image = cam[:, :, 0, 1:]  # [T, I, h*w]: the mean token's query row, grid keys only
+            else:
+                image = _chefer_relevance(image_weights, grads)[:, :, 0, 1:]  # [T, I, gh*gw]
+        return self._to_grid(image.transpose(0, 1), towers), self._text_relevance(towers, input_ids, options)
+
+    def _text_relevance(self, towers, input_ids, options) -> torch.Tensor:
+        """Chefer's relevance of each prompt token for each image: `[I, T, L]`."""
+        logits = towers["logits"]
+        num_images, num_texts = logits.shape
         text_weights = list(towers["text"].attentions[options["start_layer_text"] :])
         text_grads = _batched_grads(logits, text_weights, _one_hot_cotangents(num_images, num_texts, "image", logits))
         relevance = _chefer_relevance(text_weights, text_grads)  # [I, T, L, L]
         eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
-        text = _eot_rows(relevance - eye, input_ids)  # [I, T, L]
-        return self._to_grid(image.transpose(0, 1), towers), text
+        return _eot_rows(relevance - eye, input_ids)  # [I, T, L]
 
     def _last_layer_relevance(self, towers) -> torch.Tensor:
         """Chefer's image relevance over the last ViT layer alone: there `R = I + cam`, so the map is the class
@@ -962,11 +978,12 @@ class CLIPVizExplainMixin:
         costs one token instead of all of them (autograd would push zero rows through every token's MLP).
         Returns `[T, I, gh*gw]`.
         """
-        vision, outputs = self.vision_model, towers["vision"]
-        hidden = outputs.hidden_states[-2].detach()  # [I, N, D]: the last block's input
-        weights = outputs.attentions[-1][:, :, :1].detach().requires_grad_(True)  # [I, heads, 1, N]
+        vision, block = self.vision_model, self.vision_model.encoder.layers[-1]
+        hidden = towers["vision"].hidden_states[-2].detach()  # [I, N, D]: the last block's input
+        # the tower ran on SDPA without attentions: the one row needed is computed here
+        weights = _class_token_attention(block, hidden).detach().requires_grad_(True)  # [I, heads, 1, N]
         with torch.enable_grad():
-            pooled = vision.ln_post(_class_token_through_block(vision.encoder.layers[-1], hidden, weights))  # [I, D]
+            pooled = vision.ln_post(_class_token_through_block(block, hidden, weights))  # [I, D]
             features = vision.project(pooled)  # [I, P]
             unit = features / features.norm(dim=-1, keepdim=True)
             logits = self.logit_scale.exp().to(unit.dtype) * unit @ towers["text_unit"].detach().t()  # [I, T]
