@@ -104,17 +104,30 @@ def translate_hub_errors(
         yield
     except LocalTokenNotFoundError:
         raise PushError("No Hugging Face token found: log in with `hf auth login` or set HF_TOKEN.") from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        raise PushError(_http_message(action, endpoint, status, repo_id, revision, error)) from None
-    except Exception as error:  # the HTTP client's transport errors, whichever client library is in use
-        if not is_network_error(error):
+    except Exception as error:
+        # huggingface_hub wraps some failures (an LFS upload that gave up: RuntimeError from the transport error)
+        chain = _cause_chain(error)
+        http_error = next((e for e in chain if isinstance(e, HfHubHTTPError)), None)
+        if http_error is not None:
+            status = http_error.response.status_code if http_error.response is not None else None
+            raise PushError(_http_message(action, endpoint, status, repo_id, revision, http_error)) from None
+        network_error = next((e for e in chain if is_network_error(e)), None)
+        if network_error is None:
             raise
         raise PushError(
-            f"Network failure while {action}: the connection to {endpoint} failed ({type(error).__name__}: {error}). "
-            "Check the connection (and HF_ENDPOINT), then run the same command again: files the Hub already "
-            "received are not uploaded twice."
+            f"Network failure while {action}: the connection to {endpoint} failed "
+            f"({type(network_error).__name__}: {network_error}). Check the connection (and HF_ENDPOINT), then run "
+            "the same command again: files the Hub already received are not uploaded twice."
         ) from None
+
+
+def _cause_chain(error: BaseException) -> list[BaseException]:
+    """The error and what it was raised from (explicitly or while handling), outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
 
 
 def _http_message(action, endpoint, status, repo_id, revision, error) -> str:

@@ -187,6 +187,27 @@ def test_server_killed_mid_upload_then_a_rerun_completes(hub, api, archive, tmp_
     assert sum(method == "PUT" for method, _ in hub.log) == uploads_before  # LFS objects were kept, not resent
 
 
+def test_server_killed_during_an_lfs_upload_then_a_rerun_completes(hub, api, folder, monkeypatch, tmp_path):
+    """The cut comes in the middle of the weights' LFS PUT: huggingface_hub retries it (with shortened sleeps
+    here: the real ones add up to 23 s) against a dead server, then gives up; nothing is committed, and the
+    re-run uploads the object and lands the whole folder."""
+    import functools
+
+    import huggingface_hub.lfs
+
+    fast = functools.partial(huggingface_hub.lfs.http_backoff, base_wait_time=0.01, max_wait_time=0.02)
+    monkeypatch.setattr(huggingface_hub.lfs, "http_backoff", fast)
+    hub.fail_after_bytes(4096, method="PUT", path_prefix="/lfs-upload/")
+    with pytest.raises(PushError, match=r"Network failure.*run the same command again"):
+        push_folder(folder, REPO)
+    hub.restart()
+    assert api.list_repo_files(REPO) == [".gitattributes"]  # nothing landed
+    assert push_folder(folder, REPO).created_commit
+    assert sorted(api.list_repo_files(REPO)) == sorted([".gitattributes", *(p.name for p in folder.iterdir())])
+    weights = api.hf_hub_download(REPO, "model.safetensors", cache_dir=tmp_path / "downloads")
+    assert Path(weights).read_bytes() == (folder / "model.safetensors").read_bytes()  # the cut object was redone
+
+
 def test_push_to_a_branch_and_as_a_pull_request(hub, api, archive, folder, tmp_path, capsys):
     code, stdout, stderr = convert_and_push(archive, tmp_path / "out", capsys, "--revision", "dev", "--private")
     assert code == 0, stderr
