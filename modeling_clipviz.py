@@ -714,26 +714,23 @@ def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
 
 
-def _class_token_attention(block, hidden: torch.Tensor) -> torch.Tensor:
-    """The class token's attention row in a ViT block, from the block's input `[I, N, D]`: `[I, heads, 1, N]`,
-    computed as the block computes it, for that one query."""
+def _class_token_attention(block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class token's attention row in a ViT block, computed from the block's input `[I, N, D]` as the block
+    computes it, for that one query. Returns the row `[I, heads, 1, N]` and the values `[I, heads, N, head_dim]`."""
     attention, width = block.self_attn, hidden.shape[-1]
-    qkv, normed = attention.qkv_proj, block.ln_1(hidden)
+    qkv, normed = attention.qkv_proj, block.ln_1(hidden)  # fused q, k, v along the output dimension
     query = F.linear(normed[:, :1], qkv.weight[:width], qkv.bias[:width])  # [I, 1, D]
     key, value = F.linear(normed, qkv.weight[width:], qkv.bias[width:]).chunk(2, dim=-1)  # 2 x [I, N, D]
-    heads = [_split_heads(t, attention.num_heads) for t in (query, key, value)]  # [I, heads, 1 or N, head_dim]
-    return multi_head_attention(*heads, need_weights=True)[1]
+    query, key, value = (_split_heads(t, attention.num_heads) for t in (query, key, value))  # [I, heads, 1|N, hd]
+    return multi_head_attention(query, key, value, need_weights=True)[1], value
 
 
-def _class_token_through_block(block, hidden: torch.Tensor, cls_weights: torch.Tensor) -> torch.Tensor:
-    """A ViT block's output at the class token as a function of that token's attention row: the operations of
-    `CLIPVizResidualAttentionBlock.forward` for one query. hidden: the block's input `[I, N, D]`; cls_weights:
-    `[I, heads, 1, N]`. Returns `[I, D]`."""
-    attention, width = block.self_attn, hidden.shape[-1]
-    qkv = attention.qkv_proj  # fused q, k, v along the output dimension: the values are the last third
-    value = F.linear(block.ln_1(hidden), qkv.weight[2 * width :], qkv.bias[2 * width :])  # [I, N, D]
-    context = cls_weights.to(value.dtype) @ _split_heads(value, attention.num_heads)  # [I, heads, 1, head_dim]
-    x = hidden[:, :1] + attention.out_proj(_merge_heads(context))  # [I, 1, D]
+def _class_token_through_block(block, hidden: torch.Tensor, cls_weights: torch.Tensor, values: torch.Tensor):
+    """A ViT block's output at the class token `[I, D]` as a function of that token's attention row: the operations
+    of `CLIPVizResidualAttentionBlock.forward` for one query. hidden: the block's input `[I, N, D]`; cls_weights
+    `[I, heads, 1, N]` and values `[I, heads, N, head_dim]` as `_class_token_attention` gives them."""
+    context = cls_weights.to(values.dtype) @ values  # [I, heads, 1, head_dim]
+    x = hidden[:, :1] + block.self_attn.out_proj(_merge_heads(context))  # [I, 1, D]
     return (x + block.mlp(block.ln_2(x)))[:, 0]  # [I, D]
 
 
@@ -984,9 +981,10 @@ class CLIPVizExplainMixin:
         vision, block = self.vision_model, self.vision_model.encoder.layers[-1]
         hidden = towers["vision"].hidden_states[-2].detach()  # [I, N, D]: the last block's input
         # the tower ran on SDPA without attentions: the one row needed is computed here
-        weights = _class_token_attention(block, hidden).detach().requires_grad_(True)  # [I, heads, 1, N]
+        weights, values = _class_token_attention(block, hidden)
+        weights = weights.detach().requires_grad_(True)  # [I, heads, 1, N]
         with torch.enable_grad():
-            pooled = vision.ln_post(_class_token_through_block(block, hidden, weights))  # [I, D]
+            pooled = vision.ln_post(_class_token_through_block(block, hidden, weights, values.detach()))  # [I, D]
             features = vision.project(pooled)  # [I, P]
             unit = features / features.norm(dim=-1, keepdim=True)
             logits = self.logit_scale.exp().to(unit.dtype) * unit @ towers["text_unit"].detach().t()  # [I, T]
