@@ -85,11 +85,15 @@ def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, 
     """
     if use_sdpa and not need_weights:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask), None
-    scaled_query = query * (1.0 / math.sqrt(query.shape[-1]))
-    scores = scaled_query @ key.transpose(-2, -1)  # [B, heads, Lq, Lk]
-    if attn_mask is not None:
-        scores = scores + attn_mask
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
+    scores = (query * (1.0 / math.sqrt(query.shape[-1]))) @ key.transpose(-2, -1)  # [B, heads, Lq, Lk]
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        if attn_mask is not None:
+            scores = scores + attn_mask
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
+    else:  # no graph to keep: mask and normalize in place, one [B, heads, Lq, Lk] buffer instead of three
+        if attn_mask is not None:
+            scores.add_(attn_mask)
+        weights = torch.softmax(scores, dim=-1, out=scores)  # reduced precisions accumulate in fp32
     return weights @ value, (weights if need_weights else None)
 
 
