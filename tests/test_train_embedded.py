@@ -1,20 +1,29 @@
 """The embedded models' training script: its loss, augmentation, determinism and the folder it writes."""
 
 import json
+import shlex
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from clipviz import scenes
 from clipviz.train_embedded import (
     TrainSettings,
+    build_model,
+    cli_command,
     dihedral,
     load_tokenizer,
     multi_positive_loss,
+    parse_args,
     save,
+    scene_pool,
     sincos_2d,
     train,
 )
+
+EMBEDDED = Path(__file__).resolve().parent.parent / "embedded"
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +99,43 @@ def test_training_is_reproducible_and_the_folder_loads(tokenizer, tmp_path):
         actual = loaded(input_ids=ids["input_ids"], pixel_values=pixels).logits_per_image
     torch.testing.assert_close(actual, expected)
     assert "zero-shot top-1" in (tmp_path / "README.md").read_text()
+
+
+def test_same_color_share_rerenders_part_of_the_pool_with_a_same_colour_pair():
+    plain_images, plain_targets = scene_pool(64, 32)
+    images, targets = scene_pool(64, 32, same_color_frac=0.5, seed=0)
+    changed = [i for i in range(64) if not np.array_equal(images[i], plain_images[i])]
+    assert 16 <= len(changed) <= 48
+    for i in changed:
+        scene = scenes.make_scene(
+            scenes.scene_seed("train", i), size=32, num_objects=int(targets[i].sum()), same_color=True
+        )
+        assert np.array_equal(images[i], scene.image)
+        colors = [obj.color for obj in scene.objects]
+        assert len(colors) >= 2 and colors[0] == colors[1]
+    unchanged = [i for i in range(64) if i not in changed]
+    assert np.array_equal(targets[unchanged], plain_targets[unchanged])
+
+
+def test_vision_overrides_change_only_the_named_entries():
+    model = build_model("vit", {"num_hidden_layers": 2, "num_attention_heads": 2})
+    vision = model.config.vision_config
+    assert (vision.num_hidden_layers, vision.num_attention_heads, vision.patch_size) == (2, 2, 8)
+    assert len(model.vision_model.encoder.layers) == 2
+
+
+def test_card_command_reproduces_the_settings():
+    argv = ["--backbone", "vit", "--output-dir", "x", "--steps", "5", "--threads", "1", "--same-color-frac", "0.3"]
+    argv += ["--logit-scale-max", "50", "--no-bf16", "--vision", "num_hidden_layers=6", "num_attention_heads=2"]
+    settings, _ = parse_args(argv)
+    assert settings.vision_config == {"num_hidden_layers": 6, "num_attention_heads": 2}
+    command = shlex.split(cli_command(settings).replace("<dir>", "x"))
+    assert command[:3] == ["python", "-m", "clipviz.train_embedded"]
+    assert parse_args(command[3:])[0] == settings
+
+
+@pytest.mark.parametrize("name", ["clipviz-tiny-vit", "clipviz-tiny-resnet"])
+def test_saved_settings_still_parse_and_their_command_reproduces_them(name):
+    record = json.loads((EMBEDDED / name / "training_args.json").read_text())
+    settings = TrainSettings(**record["settings"])
+    assert parse_args(shlex.split(cli_command(settings).replace("<dir>", "x"))[3:])[0] == settings
