@@ -497,6 +497,12 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["CLIPVizResidualAttentionBlock", "CLIPVizBottleneck", "CLIPVizAttentionPool"]
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source text; every attention layer here reads its config's
+        # `_attn_implementation` at call time, so `model.set_attn_implementation(...)` takes effect at once
+        return True
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """OpenAI's initialization: PyTorch defaults, overridden where `initialize_parameters` does."""
@@ -1069,6 +1075,11 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
 
     def __init__(self, config: CLIPVizConfig):
         super().__init__(config)
+        # transformers resolves the default implementation ("sdpa") on the top-level config only (its own composite
+        # models resolve theirs per sub-model); our towers read their sub-configs, so hand an unset choice down
+        for sub_config in (config.text_config, config.vision_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation = config._attn_implementation
         vision = config.vision_config
         self.text_model = CLIPVizTextTransformer(config.text_config)
         tower = CLIPVizVisionTransformer if vision.backbone == "vit" else CLIPVizModifiedResNet

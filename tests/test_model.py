@@ -262,3 +262,44 @@ def test_multi_head_attention_paths_agree():
     assert none is None and weights.shape == (2, 3, 5, 5)
     torch.testing.assert_close(fast, manual)
     torch.testing.assert_close(manual, weights @ v)
+
+
+def count_sdpa_calls(monkeypatch, model) -> int:
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+    )
+    with torch.no_grad():
+        run(model)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    return len(calls)
+
+
+def attention_layers(config) -> int:
+    vision = config.vision_config
+    return config.text_config.num_hidden_layers + (vision.num_hidden_layers if vision.backbone == "vit" else 1)
+
+
+def test_every_tower_uses_sdpa_by_default(backbone, tmp_path, monkeypatch):
+    # the default is resolved on the top-level config only; both towers must follow it, built or loaded
+    model = CLIPVizModel(tiny_config(backbone)).eval()
+    assert model.config._attn_implementation == "sdpa"
+    assert count_sdpa_calls(monkeypatch, model) == attention_layers(model.config)
+    model.save_pretrained(tmp_path)
+    loaded = CLIPVizModel.from_pretrained(tmp_path).eval()
+    assert count_sdpa_calls(monkeypatch, loaded) == attention_layers(loaded.config)
+
+
+def test_set_attn_implementation_switches_both_towers(backbone, monkeypatch):
+    model = tiny_model(backbone)
+    sdpa_out = run(model, output_attentions=True)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    assert model.config.text_config._attn_implementation == "eager"
+    assert model.config.vision_config._attn_implementation == "eager"
+    assert count_sdpa_calls(monkeypatch, model) == 0
+    eager_out = run(model, output_attentions=True)
+    torch.testing.assert_close(eager_out.logits_per_image, sdpa_out.logits_per_image, atol=1e-5, rtol=0)
+    model.set_attn_implementation("sdpa")
+    assert count_sdpa_calls(monkeypatch, model) == attention_layers(model.config)

@@ -86,7 +86,7 @@ def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, 
     if use_sdpa and not need_weights:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask), None
     scores = (query * (1.0 / math.sqrt(query.shape[-1]))) @ key.transpose(-2, -1)  # [B, heads, Lq, Lk]
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+    if _keeps_graph(query, key, value):
         if attn_mask is not None:
             scores = scores + attn_mask
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
@@ -111,6 +111,16 @@ def _mark_init(module: nn.Module, weight_std: float | None = None, xavier: bool 
     """Record where OpenAI's initialization departs from PyTorch's defaults, for `_init_weights`."""
     module.openai_init = {"weight_std": weight_std, "xavier": xavier, "zero_bias": zero_bias}
     return module
+
+
+def _keeps_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records operations on these tensors (if not, their fresh buffers may be reused in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _add_residual(update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """`residual + update`; without a graph, written into `update` (a fresh layer output) to save an allocation."""
+    return residual + update if _keeps_graph(update, residual) else update.add_(residual)
 
 
 def _uses_sdpa(config) -> bool:
@@ -151,13 +161,17 @@ class CLIPVizAttention(nn.Module):
 
 
 class CLIPVizQuickGELU(nn.Module):
-    """OpenAI's `QuickGELU`, `x * sigmoid(1.702 * x)`. Without a graph to keep it reuses one buffer: the MLP's
-    hidden activations are the largest tensors of the forward, and each fresh one costs page faults."""
+    """OpenAI's `QuickGELU`, `x * sigmoid(1.702 * x)`.
+
+    Without a graph to keep, it overwrites its input (the MLP hands it a fresh tensor) as `silu(1.702 * x) / 1.702`,
+    the same function within a few float roundings: the MLP's hidden activations are the largest tensors of the
+    forward, and every fresh one costs page faults.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
+        if _keeps_graph(x):
             return x * torch.sigmoid(1.702 * x)
-        return torch.mul(x, 1.702).sigmoid_().mul_(x)  # the same products, bit for bit
+        return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
 
 
 class CLIPVizMLP(nn.Module):
@@ -184,8 +198,8 @@ class CLIPVizResidualAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, output_attentions: bool = False):
         attended, weights = self.self_attn(self.ln_1(x), attn_mask, output_attentions)
-        x = x + attended
-        x = x + self.mlp(self.ln_2(x))
+        x = _add_residual(attended, x)
+        x = _add_residual(self.mlp(self.ln_2(x)), x)
         return x, weights
 
 
@@ -482,6 +496,12 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPVizResidualAttentionBlock", "CLIPVizBottleneck", "CLIPVizAttentionPool"]
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses this from the source text; every attention layer here reads its config's
+        # `_attn_implementation` at call time, so `model.set_attn_implementation(...)` takes effect at once
+        return True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -1055,6 +1075,11 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
 
     def __init__(self, config: CLIPVizConfig):
         super().__init__(config)
+        # transformers resolves the default implementation ("sdpa") on the top-level config only (its own composite
+        # models resolve theirs per sub-model); our towers read their sub-configs, so hand an unset choice down
+        for sub_config in (config.text_config, config.vision_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation = config._attn_implementation
         vision = config.vision_config
         self.text_model = CLIPVizTextTransformer(config.text_config)
         tower = CLIPVizVisionTransformer if vision.backbone == "vit" else CLIPVizModifiedResNet
