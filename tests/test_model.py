@@ -303,3 +303,16 @@ def test_set_attn_implementation_switches_both_towers(backbone, monkeypatch):
     torch.testing.assert_close(eager_out.logits_per_image, sdpa_out.logits_per_image, atol=1e-5, rtol=0)
     model.set_attn_implementation("sdpa")
     assert count_sdpa_calls(monkeypatch, model) == attention_layers(model.config)
+
+
+@pytest.mark.parametrize("num_images", [1, 2])
+def test_resnet_memory_formats_agree(num_images):
+    # the ResNet tower picks channels-first or channels-last by batch, dtype and the weights' own format
+    model = tiny_model("resnet")
+    with torch.no_grad():
+        first = run(model, num_images=num_images, output_hidden_states=True)
+        model.vision_model.to(memory_format=torch.channels_last)
+        last = run(model, num_images=num_images, output_hidden_states=True)
+    torch.testing.assert_close(last.image_embeds, first.image_embeds, atol=1e-5, rtol=0)
+    for x, y in zip(last.vision_model_output.hidden_states, first.vision_model_output.hidden_states, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
