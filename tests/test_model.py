@@ -316,3 +316,11 @@ def test_resnet_memory_formats_agree(num_images):
     torch.testing.assert_close(last.image_embeds, first.image_embeds, atol=1e-5, rtol=0)
     for x, y in zip(last.vision_model_output.hidden_states, first.vision_model_output.hidden_states, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sdpa_model_in_reduced_precision_on_cpu(backbone, dtype, monkeypatch):
+    # CPU bf16: explicit matmuls (PyTorch's flash kernel is ~2.5x slower there); fp16 keeps SDPA
+    model = tiny_model(backbone, "sdpa").to(dtype)
+    expected = 0 if dtype == torch.bfloat16 else attention_layers(model.config)
+    assert count_sdpa_calls(monkeypatch, model) == expected
