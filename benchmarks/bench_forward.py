@@ -6,7 +6,8 @@ project targets: clipviz plain <= 1.0x the fastest peer, with attentions <= 1.05
 
     python benchmarks/bench_forward.py [--repeats 7] [--archs ViT-B/16 RN50] [--batches 1 16]
 
-Each row is the median of `--repeats` interleaved rounds (5x as many at batch 1).
+Times are medians of `--repeats` interleaved rounds (5x as many at batch 1); the two ratio columns are medians of
+the ratio within each round (paired), steadier on a shared machine than a ratio of two medians.
 """
 
 import argparse
@@ -28,9 +29,9 @@ from convert_weights import from_openai_state_dict  # noqa: E402
 from tests.openai_reference import randomized_openai_clip  # noqa: E402
 
 
-def interleaved_medians(runs: dict, repeats: int) -> dict:
-    """Median seconds of each callable, timed in interleaved rounds (each round runs every callable once, in a
-    rotated order) so that slow drifts of the machine (frequency, other load) hit every implementation alike."""
+def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable in every round; each round runs every callable once, in a rotated order, so that
+    slow drifts of the machine (frequency, other load) hit every implementation alike."""
     for run in runs.values():
         run()  # warm-up: first-call allocations and kernel selection
     labels = list(runs)
@@ -41,7 +42,15 @@ def interleaved_medians(runs: dict, repeats: int) -> dict:
             start = time.perf_counter()
             runs[label]()
             times[label].append(time.perf_counter() - start)
-    return {label: statistics.median(values) for label, values in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], numerator: str, denominators: tuple[str, ...]) -> float:
+    """Median over rounds of `numerator / fastest denominator` within the same round: calls of one round are
+    seconds apart, so this ratio is far steadier on a shared machine than a ratio of two medians."""
+    present = [label for label in denominators if label in times]
+    per_round = [times[numerator][i] / min(times[label][i] for label in present) for i in range(len(times[numerator]))]
+    return statistics.median(per_round)
 
 
 def transformers_clip(config: CLIPVizConfig, implementation: str, dtype):
@@ -129,7 +138,10 @@ def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
             row = {"arch": name, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
             with torch.no_grad():
                 calls = {label: partial(run, images, texts) for label, run in runs.items()}
-                row.update(interleaved_medians(calls, rounds_for(batch, repeats)))
+                times = interleaved_times(calls, rounds_for(batch, repeats))
+            row.update({label: statistics.median(values) for label, values in times.items()})
+            row["vs_peer"] = paired_ratio(times, "clipviz", ("openai", "transformers-sdpa", "transformers-eager"))
+            row["attn_cost"] = paired_ratio(times, "clipviz+attn", ("clipviz",))
             rows.append(row)
             print(f"  measured {name} batch {batch} {row['dtype']}", file=sys.stderr, flush=True)
     return rows
@@ -149,14 +161,13 @@ def report(rows: list[dict]) -> str:
     ]
     fp32 = {(r["arch"], r["batch"]): r["clipviz"] for r in rows if r["dtype"] == "float32"}
     for r in rows:
-        fastest_peer = min(r[p] for p in ("openai", "transformers-sdpa", "transformers-eager") if p in r)
         speedup = ratio(fp32.get((r["arch"], r["batch"])), r["clipviz"]) if r["dtype"] == "bfloat16" else ""
         cells = [f"{r[p] * 1000:.0f} ms" if p in r else "n/a" for p in peers]
         lines.append(
             f"| {r['arch']} | {r['batch']} | {r['dtype']} | {r['clipviz'] * 1000:.0f} ms | "
             f"{r['clipviz+attn'] * 1000:.0f} ms | "
             + " | ".join(cells)
-            + f" | {ratio(r['clipviz'], fastest_peer)} | {ratio(r['clipviz+attn'], r['clipviz'])} | {speedup} |"
+            + f" | {r['vs_peer']:.2f}x | {r['attn_cost']:.2f}x | {speedup} |"
         )
     return "\n".join(lines)
 
