@@ -267,12 +267,11 @@ def test_multi_head_attention_paths_agree():
 def count_sdpa_calls(monkeypatch, model) -> int:
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(
-        torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
-    )
-    with torch.no_grad():
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(
+            torch.nn.functional, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k)
+        )
         run(model)
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     return len(calls)
 
 
