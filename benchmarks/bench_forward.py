@@ -13,6 +13,7 @@ the ratio within each round (paired), steadier on a shared machine than a ratio 
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
 import sys
@@ -147,6 +148,13 @@ def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
     return rows
 
 
+def allocator_settings() -> str:
+    """The memory-allocator settings of this run: returned attention maps are hundreds of MB of fresh memory per
+    call, and whether freed memory goes back to the OS (glibc's default) decides what faulting it in costs."""
+    settings = [f"{name}={os.environ[name]}" for name in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(name)]
+    return ", ".join(settings) or "glibc malloc, default settings"
+
+
 def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
@@ -184,7 +192,7 @@ def main() -> None:
     print(
         f"clipviz forward benchmark, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, median of {args.repeats} interleaved rounds "
-        f"({rounds_for(1, args.repeats)} at batch 1)\n"
+        f"({rounds_for(1, args.repeats)} at batch 1), allocator: {allocator_settings()}\n"
     )
     print(report(rows))
 

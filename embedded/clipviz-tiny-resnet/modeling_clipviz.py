@@ -93,19 +93,20 @@ def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, 
             scores = scores + attn_mask
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
         return weights @ value, (weights if need_weights else None)
-    # No graph to keep: write straight into the two tensors returned, one batch item at a time so the heads are
-    # read where they lie (strided views of the fused projection) and the context lands in the merged-heads
-    # layout: no copies of q, k, v, no temporaries
+    # No graph to keep: one batch item at a time, the heads read where they lie (strided views of the fused
+    # projection), the context written in the merged-heads layout, and the scores of one item softmaxed while
+    # they are still in cache. Only returned maps are batch-sized; otherwise one item's scores buffer is reused.
     batch, heads, length, head_dim = query.shape
-    weights = query.new_empty(batch, heads, length, key.shape[-2])  # [B, heads, Lq, Lk]
+    weights = query.new_empty(batch if need_weights else 1, heads, length, key.shape[-2])  # [B or 1, heads, Lq, Lk]
     context = query.new_empty(batch, length, heads, head_dim).transpose(1, 2)  # [B, heads, Lq, head_dim]
+    masks = None if attn_mask is None else attn_mask.expand(batch, heads, length, key.shape[-2])  # a view
     for item in range(batch):
-        torch.baddbmm(weights[item], query[item], key[item].transpose(-2, -1), beta=0, alpha=scale, out=weights[item])
-    if attn_mask is not None:
-        weights.add_(attn_mask)
-    torch.softmax(weights, dim=-1, out=weights)  # reduced precisions accumulate in fp32
-    for item in range(batch):
-        torch.bmm(weights[item], value[item], out=context[item])
+        scores = weights[item if need_weights else 0]  # [heads, Lq, Lk]
+        torch.baddbmm(scores, query[item], key[item].transpose(-2, -1), beta=0, alpha=scale, out=scores)
+        if masks is not None:
+            scores.add_(masks[item])
+        torch.softmax(scores, dim=-1, out=scores)  # reduced precisions accumulate in fp32
+        torch.bmm(scores, value[item], out=context[item])
     return context, (weights if need_weights else None)
 
 
