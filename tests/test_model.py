@@ -138,6 +138,14 @@ def test_padding_mask_keeps_pooled_output_and_masks_keys(backbone):
         torch.testing.assert_close(attention.sum(-1), torch.ones(attention.shape[:-1]))
         to_padding = attention * padded[:, None, None, :]  # weight every query gives to padded keys
         assert to_padding.abs().max() == 0
+    with torch.no_grad():  # the explicit path without a graph applies the [B, 1, L, L] mask item by item
+        no_graph = model.text_model(ids, mask, output_attentions=True)
+        model.set_attn_implementation("eager")
+        eager_without_maps = model.text_model(ids, mask)
+    for attention, expected in zip(no_graph.attentions, masked.attentions, strict=True):
+        torch.testing.assert_close(attention, expected)
+    torch.testing.assert_close(no_graph.pooler_output, masked.pooler_output)
+    torch.testing.assert_close(eager_without_maps.pooler_output, masked.pooler_output)
 
 
 def test_return_tuple_and_loss(backbone):
