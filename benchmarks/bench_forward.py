@@ -161,12 +161,9 @@ def ratio(a, b) -> str:
 
 def report(rows: list[dict]) -> str:
     peers = ("openai", "transformers-sdpa", "transformers-eager", "transformers-eager+attn")
-    lines = [
-        "| arch | batch | dtype | clipviz | clipviz+attn | "
-        + " | ".join(peers)
-        + " | clipviz / fastest peer | +attn / clipviz | bf16 speed-up |",
-        "|" + "---|" * (9 + len(peers) - 2),
-    ]
+    columns = ["arch", "batch", "dtype", "clipviz", "clipviz+attn", *peers]
+    columns += ["clipviz / fastest peer", "+attn / clipviz", "bf16 speed-up"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     fp32 = {(r["arch"], r["batch"]): r["clipviz"] for r in rows if r["dtype"] == "float32"}
     for r in rows:
         speedup = ratio(fp32.get((r["arch"], r["batch"])), r["clipviz"]) if r["dtype"] == "bfloat16" else ""
