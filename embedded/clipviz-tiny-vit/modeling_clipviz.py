@@ -94,8 +94,8 @@ def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, 
         weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
         return weights @ value, (weights if need_weights else None)
     # No graph to keep: one batch item at a time, the heads read where they lie (strided views of the fused
-    # projection), the context written in the merged-heads layout, and the scores of one item softmaxed while
-    # they are still in cache. Only returned maps are batch-sized; otherwise one item's scores buffer is reused.
+    # projection) and the context written in the merged-heads layout, so q, k, v are never copied. Only returned
+    # maps are batch-sized; otherwise one item's scores buffer serves every item.
     batch, heads, length, head_dim = query.shape
     weights = query.new_empty(batch if need_weights else 1, heads, length, key.shape[-2])  # [B or 1, heads, Lq, Lk]
     context = query.new_empty(batch, length, heads, head_dim).transpose(1, 2)  # [B, heads, Lq, head_dim]
