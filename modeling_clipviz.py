@@ -214,7 +214,7 @@ class CLIPVizMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])  # [B * L, width]
-        if rows.shape[0] <= self.ROWS_PER_BLOCK or _keeps_graph(x, self.fc1.weight):
+        if rows.shape[0] <= self.ROWS_PER_BLOCK or _keeps_graph(x, *self.parameters()):
             return self.fc2(self.act(self.fc1(x)))
         out = rows.new_empty(rows.shape[0], self.fc2.out_features)  # [B * L, width]
         block_rows = math.ceil(rows.shape[0] / math.ceil(rows.shape[0] / self.ROWS_PER_BLOCK))  # even blocks

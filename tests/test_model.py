@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modeling_clipviz import CLIPVizModel, multi_head_attention
+from modeling_clipviz import CLIPVizMLP, CLIPVizModel, multi_head_attention
 from tests.conftest import pixels, tiny_config, tiny_model, token_ids
 
 
@@ -331,3 +331,18 @@ def test_sdpa_model_in_reduced_precision_on_cpu(backbone, dtype, monkeypatch):
     model = tiny_model(backbone, "sdpa").to(dtype)
     expected = 0 if dtype == torch.bfloat16 else attention_layers(model.config)
     assert count_sdpa_calls(monkeypatch, model) == expected
+
+
+def test_blocked_mlp_keeps_the_graph_of_any_trainable_part(monkeypatch):
+    # the blocked MLP writes into its own buffers, which autograd forbids: it must step aside whenever any of its
+    # parameters is trained, even with the input and fc1 frozen
+    model = tiny_model("vit")
+    model.requires_grad_(False)
+    model.vision_model.encoder.layers[0].mlp.fc2.requires_grad_(True)
+    fc2 = model.vision_model.encoder.layers[0].mlp.fc2
+    run(model).logits_per_image.sum().backward()
+    expected = fc2.weight.grad.clone()
+    fc2.weight.grad = None
+    monkeypatch.setattr(CLIPVizMLP, "ROWS_PER_BLOCK", 7)
+    run(model).logits_per_image.sum().backward()
+    torch.testing.assert_close(fc2.weight.grad, expected)
