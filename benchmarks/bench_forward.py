@@ -107,20 +107,6 @@ def call_openai(model, images, texts):
     return model(images, texts)
 
 
-def attention_shapes(model, images, texts) -> list[torch.Size]:
-    """Shapes of every attention map one call with `output_attentions=True` returns (text and image towers)."""
-    with torch.no_grad():
-        out = call_clipviz(model, images, texts, output_attentions=True)
-    return [a.shape for a in out.text_model_output.attentions + out.vision_model_output.attentions]
-
-
-def write_fresh_maps(shapes, dtype) -> list[torch.Tensor]:
-    """Only the memory cost of returning attention maps: fresh tensors of their shapes, written once, no arithmetic.
-    Any forward that returns the maps pays at least this; where freed memory goes back to the OS (glibc's default)
-    and faulting it in is slow (a VM returning freed pages to its host), it decides the +attn cost by itself."""
-    return [torch.empty(shape, dtype=dtype).fill_(0.5) for shape in shapes]
-
-
 def peers_for(config: CLIPVizConfig, reference, dtype) -> dict:
     """The implementations clipviz is compared with, each a callable `(images, texts)`."""
     peers = {"openai": partial(call_openai, openai_in_dtype(reference, dtype))}
@@ -153,12 +139,10 @@ def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
             row = {"arch": name, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
             with torch.no_grad():
                 calls = {label: partial(run, images, texts) for label, run in runs.items()}
-                calls["maps' memory"] = partial(write_fresh_maps, attention_shapes(ours, images, texts), dtype)
                 times = interleaved_times(calls, rounds_for(batch, repeats))
             row.update({label: statistics.median(values) for label, values in times.items()})
             row["vs_peer"] = paired_ratio(times, "clipviz", ("openai", "transformers-sdpa", "transformers-eager"))
             row["attn_cost"] = paired_ratio(times, "clipviz+attn", ("clipviz",))
-            row["maps_memory_cost"] = paired_ratio(times, "maps' memory", ("clipviz",))
             rows.append(row)
             print(f"  measured {name} batch {batch} {row['dtype']}", file=sys.stderr, flush=True)
     return rows
@@ -178,7 +162,7 @@ def ratio(a, b) -> str:
 def report(rows: list[dict]) -> str:
     peers = ("openai", "transformers-sdpa", "transformers-eager", "transformers-eager+attn")
     columns = ["arch", "batch", "dtype", "clipviz", "clipviz+attn", *peers]
-    columns += ["clipviz / fastest peer", "+attn / clipviz", "maps' memory / clipviz", "bf16 speed-up"]
+    columns += ["clipviz / fastest peer", "+attn / clipviz", "bf16 speed-up"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     fp32 = {(r["arch"], r["batch"]): r["clipviz"] for r in rows if r["dtype"] == "float32"}
     for r in rows:
@@ -188,7 +172,7 @@ def report(rows: list[dict]) -> str:
             f"| {r['arch']} | {r['batch']} | {r['dtype']} | {r['clipviz'] * 1000:.0f} ms | "
             f"{r['clipviz+attn'] * 1000:.0f} ms | "
             + " | ".join(cells)
-            + f" | {r['vs_peer']:.2f}x | {r['attn_cost']:.2f}x | {r['maps_memory_cost']:.2f}x | {speedup} |"
+            + f" | {r['vs_peer']:.2f}x | {r['attn_cost']:.2f}x | {speedup} |"
         )
     return "\n".join(lines)
 
