@@ -6,8 +6,9 @@ project targets: clipviz plain <= 1.0x the fastest peer, with attentions <= 1.05
 
     python benchmarks/bench_forward.py [--repeats 7] [--archs ViT-B/16 RN50] [--batches 1 16]
 
-Times are medians of `--repeats` interleaved rounds (5x as many at batch 1); the two ratio columns are medians of
-the ratio within each round (paired), steadier on a shared machine than a ratio of two medians.
+Times are medians of `--repeats` interleaved rounds, each in a shuffled order (5x as many rounds at batch 1); the two
+ratio columns are medians of the ratio within each round (paired), steadier on a shared machine than a ratio of two
+medians.
 """
 
 import argparse
@@ -15,6 +16,7 @@ import copy
 import datetime
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -30,16 +32,18 @@ from convert_weights import from_openai_state_dict  # noqa: E402
 from tests.openai_reference import randomized_openai_clip  # noqa: E402
 
 
-def interleaved_times(runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds of each callable in every round; each round runs every callable once, in a rotated order, so that
-    slow drifts of the machine (frequency, other load) hit every implementation alike."""
+def interleaved_times(runs: dict, repeats: int, seed: int = 0) -> dict[str, list[float]]:
+    """Seconds of each callable in every round; each round runs every callable once, in a shuffled order, so that
+    slow drifts of the machine (frequency, other load) hit every implementation alike, and no implementation always
+    follows the same neighbour: a call that frees hundreds of MB changes what the next call's allocations cost
+    (glibc gives large freed blocks back to the OS; faulting them in again is slow on a VM)."""
     for run in runs.values():
         run()  # warm-up: first-call allocations and kernel selection
     labels = list(runs)
     times = {label: [] for label in labels}
-    for round_index in range(repeats):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
+    order = random.Random(seed)
+    for _ in range(repeats):
+        for label in order.sample(labels, len(labels)):
             start = time.perf_counter()
             runs[label]()
             times[label].append(time.perf_counter() - start)
