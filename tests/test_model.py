@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from modeling_clipviz import CLIPVizMLP, CLIPVizModel, multi_head_attention
+from modeling_clipviz import CLIPVizMLP, CLIPVizModel, CLIPVizQuickGELU, multi_head_attention
 from tests.conftest import pixels, tiny_config, tiny_model, token_ids
 
 
@@ -346,3 +346,22 @@ def test_blocked_mlp_keeps_the_graph_of_any_trainable_part(monkeypatch):
     monkeypatch.setattr(CLIPVizMLP, "ROWS_PER_BLOCK", 7)
     run(model).logits_per_image.sum().backward()
     torch.testing.assert_close(fc2.weight.grad, expected)
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("rows_per_block", [7, 1024])
+def test_mlp_without_graph_equals_the_plain_composition(monkeypatch, hidden_act, rows_per_block):
+    # without a graph the MLP folds QuickGELU's scales into the products' alpha/beta and runs in blocks: it must
+    # still be fc2(act(fc1(x))), for OpenAI's QuickGELU and for GELU, over one block and over several
+    monkeypatch.setattr(CLIPVizMLP, "ROWS_PER_BLOCK", rows_per_block)
+    vision_config = tiny_config("vit").vision_config
+    vision_config.hidden_act = hidden_act
+    mlp = CLIPVizMLP(vision_config, width=16, hidden=64)
+    assert isinstance(mlp.act, CLIPVizQuickGELU) == (hidden_act == "quick_gelu")
+    x = torch.randn(3, 11, 16)
+    expected = mlp.fc2(mlp.act(mlp.fc1(x)))
+    if hidden_act == "quick_gelu":
+        reference_act = mlp.fc1(x) * torch.sigmoid(1.702 * mlp.fc1(x))  # OpenAI's QuickGELU, written out
+        torch.testing.assert_close(expected, mlp.fc2(reference_act))
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), expected.detach(), rtol=1e-5, atol=1e-6)

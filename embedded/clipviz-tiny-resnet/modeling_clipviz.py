@@ -185,24 +185,21 @@ class CLIPVizAttention(nn.Module):
 
 
 class CLIPVizQuickGELU(nn.Module):
-    """OpenAI's `QuickGELU`, `x * sigmoid(1.702 * x)`.
+    """OpenAI's `QuickGELU`, `x * sigmoid(1.702 * x)`, which is `silu(1.702 * x) / 1.702`: the MLP's no-graph path
+    uses that form with both scales folded into its matrix products."""
 
-    Without a graph to keep, it overwrites its input (the MLP hands it a fresh tensor) as `silu(1.702 * x) / 1.702`,
-    the same function within a few float roundings: the MLP's hidden activations are the largest tensors of the
-    forward, and every fresh one costs page faults.
-    """
+    SCALE = 1.702
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _keeps_graph(x):
-            return x * torch.sigmoid(1.702 * x)
-        return F.silu(x.mul_(1.702), inplace=True).div_(1.702)
+        return x * torch.sigmoid(self.SCALE * x)
 
 
 class CLIPVizMLP(nn.Module):
     """`fc2(act(fc1(x)))`. Without a graph to keep, it runs over blocks of at most `ROWS_PER_BLOCK` tokens through
     one reused hidden buffer: the full hidden activations (39 MB for ViT-B/16 at batch 16) are the largest
     temporary of the forward, and once returned attention maps fill the heap every fresh one is mapped and
-    page-faulted anew; ~1000-row blocks also keep the products as fast as one big one."""
+    page-faulted anew; ~1000-row blocks also keep the products as fast as one big one. QuickGELU there is one
+    in-place `silu` pass: its two scalings ride on the products' alpha/beta, which cost nothing."""
 
     ROWS_PER_BLOCK = 1024
 
@@ -213,16 +210,21 @@ class CLIPVizMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])  # [B * L, width]
-        if rows.shape[0] <= self.ROWS_PER_BLOCK or _keeps_graph(x, *self.parameters()):
+        if _keeps_graph(x, *self.parameters()):
             return self.fc2(self.act(self.fc1(x)))
+        rows = x.reshape(-1, x.shape[-1])  # [B * L, width]
         out = rows.new_empty(rows.shape[0], self.fc2.out_features)  # [B * L, width]
-        block_rows = math.ceil(rows.shape[0] / math.ceil(rows.shape[0] / self.ROWS_PER_BLOCK))  # even blocks
+        blocks = max(1, math.ceil(rows.shape[0] / self.ROWS_PER_BLOCK))
+        block_rows = max(1, math.ceil(rows.shape[0] / blocks))  # even blocks
         hidden = rows.new_empty(block_rows, self.fc1.out_features)  # [block rows, hidden]
+        scale = self.act.SCALE if isinstance(self.act, CLIPVizQuickGELU) else 1.0
         for start in range(0, rows.shape[0], block_rows):
             stop = min(start + block_rows, rows.shape[0])
-            block = torch.addmm(self.fc1.bias, rows[start:stop], self.fc1.weight.t(), out=hidden[: stop - start])
-            torch.addmm(self.fc2.bias, self.act(block), self.fc2.weight.t(), out=out[start:stop])
+            block = hidden[: stop - start]
+            # scale * fc1(x): alpha scales the product, beta the bias already copied into `block`
+            torch.addmm(self.fc1.bias, rows[start:stop], self.fc1.weight.t(), beta=scale, alpha=scale, out=block)
+            activated = F.silu(block, inplace=True) if scale != 1.0 else self.act(block)
+            torch.addmm(self.fc2.bias, activated, self.fc2.weight.t(), alpha=1.0 / scale, out=out[start:stop])
         return out.view(*x.shape[:-1], self.fc2.out_features)  # [B, L, width]
 
 
