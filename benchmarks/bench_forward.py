@@ -4,7 +4,7 @@ For ViT-B/16 and RN50 (transformers has no ResNet CLIP), batch 1 and 16, fp32 an
 (images + as many 77-token texts), without and with attentions. Prints a markdown table and the ratios the
 project targets: clipviz plain <= 1.0x the fastest peer, with attentions <= 1.05x clipviz plain, bf16 >= 2x fp32.
 
-    python benchmarks/bench_forward.py [--repeats 7] [--archs ViT-B/16 RN50] [--batches 1 16]
+    python benchmarks/bench_forward.py [--repeats 7] [--archs ViT-B/16 RN50] [--batches 1 16] [--allocator tcmalloc]
 
 Times are medians of `--repeats` interleaved rounds, each in a shuffled order (5x as many rounds at batch 1); the two
 ratio columns are medians of the ratio within each round (paired), steadier on a shared machine than a ratio of two
@@ -13,6 +13,7 @@ medians.
 
 import argparse
 import copy
+import ctypes.util
 import datetime
 import os
 import platform
@@ -152,10 +153,35 @@ def bench_arch(name: str, batches, dtypes, repeats: int) -> list[dict]:
     return rows
 
 
+# what `torch.backends.xeon.run_cpu` (PyTorch's CPU launcher) preloads, with the jemalloc settings it uses
+ALLOCATORS = {
+    "tcmalloc": (("tcmalloc_minimal", "tcmalloc"), {}),
+    "jemalloc": (("jemalloc",), {"MALLOC_CONF": "oversize_threshold:1,background_thread:true,metadata_thp:auto"}),
+}
+
+
+def run_under_allocator(name: str) -> None:
+    """Re-run this script with the `name` malloc preloaded (returns at once for "glibc", or once preloaded)."""
+    if name == "glibc":
+        return
+    libraries, settings = ALLOCATORS[name]
+    library = next(filter(None, map(ctypes.util.find_library, libraries)), None)
+    if library is None:
+        raise SystemExit(
+            f"--allocator {name}: no lib{libraries[0]} found on this machine; install it (Debian: "
+            "apt-get install libtcmalloc-minimal4 or libjemalloc2) or run with --allocator glibc"
+        )
+    if library in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = {**settings, **os.environ, "LD_PRELOAD": " ".join(filter(None, [library, os.environ.get("LD_PRELOAD")]))}
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def allocator_settings() -> str:
     """The memory-allocator settings of this run: returned attention maps are hundreds of MB of fresh memory per
     call, and whether freed memory goes back to the OS (glibc's default) decides what faulting it in costs."""
-    settings = [f"{name}={os.environ[name]}" for name in ("LD_PRELOAD", "GLIBC_TUNABLES") if os.environ.get(name)]
+    names = ("LD_PRELOAD", "MALLOC_CONF", "GLIBC_TUNABLES")
+    settings = [f"{name}={os.environ[name]}" for name in names if os.environ.get(name)]
     return ", ".join(settings) or "glibc malloc, default settings"
 
 
@@ -187,7 +213,15 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--allocator",
+        choices=["glibc", *ALLOCATORS],
+        default="glibc",
+        help="malloc of the run: glibc's (default) gives large freed blocks back to the OS; tcmalloc and jemalloc, "
+        "which PyTorch's CPU launcher preloads, keep them",
+    )
     args = parser.parse_args()
+    run_under_allocator(args.allocator)
     dtypes = [getattr(torch, d) for d in args.dtypes]
     rows = [row for name in args.archs for row in bench_arch(name, args.batches, dtypes, args.repeats)]
     print(
