@@ -217,13 +217,14 @@ class CLIPVizMLP(nn.Module):
         blocks = max(1, math.ceil(rows.shape[0] / self.ROWS_PER_BLOCK))
         block_rows = max(1, math.ceil(rows.shape[0] / blocks))  # even blocks
         hidden = rows.new_empty(block_rows, self.fc1.out_features)  # [block rows, hidden]
-        scale = self.act.SCALE if isinstance(self.act, CLIPVizQuickGELU) else 1.0
+        quick_gelu = isinstance(self.act, CLIPVizQuickGELU)
+        scale = self.act.SCALE if quick_gelu else 1.0
         for start in range(0, rows.shape[0], block_rows):
             stop = min(start + block_rows, rows.shape[0])
             block = hidden[: stop - start]
             # scale * fc1(x): alpha scales the product, beta the bias already copied into `block`
             torch.addmm(self.fc1.bias, rows[start:stop], self.fc1.weight.t(), beta=scale, alpha=scale, out=block)
-            activated = F.silu(block, inplace=True) if scale != 1.0 else self.act(block)
+            activated = F.silu(block, inplace=True) if quick_gelu else self.act(block)
             torch.addmm(self.fc2.bias, activated, self.fc2.weight.t(), alpha=1.0 / scale, out=out[start:stop])
         return out.view(*x.shape[:-1], self.fc2.out_features)  # [B, L, width]
 
