@@ -1,32 +1,42 @@
-"""Do the explanation maps point at the object the prompt names? Scored on held-out procedural scenes.
+"""Which explanation method finds the object a prompt names, and which maps does the model really rely on?
 
 Why: a heat map that looks plausible proves nothing. The scenes of :mod:`clipviz.scenes` record every object's
 mask, so for "a photo of a red circle" in a scene with a red circle, a green star and a red square, we can check
-where each method's map peaks. Scenes come from ``EVAL_SEEDS``, a seed range training never draws from.
+where each method's map peaks; and removing the cells a map ranks first should cost the prompt's logit most.
+Scenes come from ``EVAL_SEEDS``, a seed range training never draws from. Every method the model's explanation
+registry offers for its backbone is run (with its default options; ``--sweep`` adds every first layer of the
+methods that take one), so a new method appears here without touching this script.
 
-Metrics (multi-object scenes: one map per object, prompted with that object's caption):
+Metrics (multi-object scenes: one map per object, prompted with that object's caption; implemented once, in
+:mod:`clipviz.metrics`):
 
 - ``point``: pointing game, strict: the map's argmax cell overlaps the named object's mask.
 - ``point±1``: the same with a tolerance of one cell (any cell within Chebyshev distance 1 of the argmax).
-- ``energy``: share of the map's mass inside the named object's mask (the map upsampled to pixels, cell-constant).
+- ``energy``: share of the map's mass inside the named object's mask (the map cell-constant at pixel resolution).
 - ``wrong``: wrong-object control: the argmax cell overlaps another object's mask but not the named one's.
 - ``pair``: text conditioning: for objects A != B of a scene, the map for A puts more mass on A than the map for B
   does (ties count 1/2, so a prompt-independent map scores exactly 0.5).
 - ``same-col``: strict pointing on the objects that share their colour with another object (only the shape word
   tells them apart: the hard case); ``uniq-col``: the same on the objects whose colour is unique in the scene.
+- ``del↓`` / ``ins↑``: faithfulness on the first ``--faithfulness`` scenes: grid cells removed (deletion) or
+  revealed (insertion) in the order the map ranks them, ``--steps`` steps, tracking the prompt's logit; a removed
+  cell shows the dataset mean (zero in normalized pixels, the colour the processor pads with). Area under the mean
+  curve, rescaled so the intact image's logit is 1 and the all-mean image's 0 (RISE, Petsiuk et al. 2018; Chefer
+  et al. 2021's positive/negative perturbation). Deletion: lower is better; insertion: higher is better.
 
 Also zero-shot top-1 over the 30 captions on single-object scenes, and a random-map baseline (uniform noise per
-cell) scored the same way.
+cell, seeded) scored the same way. Rows are ranked by ``point±1``, then ``point``, then ``energy``.
 
 Usage::
 
     python benchmarks/eval_localization.py embedded/clipviz-tiny-vit embedded/clipviz-tiny-resnet \
-        --scenes 500 --figure docs/maps.png
+        --scenes 300 --faithfulness 100 --sweep --figure docs/maps.png
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -39,25 +49,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from clipviz import scenes  # noqa: E402
+from clipviz import metrics, scenes  # noqa: E402
 
 MULTI_START = 50_000  # multi-object scenes are taken from EVAL_SEEDS[MULTI_START:], single-object ones from [0:]
-METHODS = {
-    "vit": {
-        "attention": ("attention", {}),
-        "rollout": ("rollout", {}),
-        "relevance (last layer)": ("relevance", {}),
-        "relevance (all layers)": ("relevance", {"start_layer": 0}),
-        "gradcam": ("gradcam", {}),
-    },
-    "resnet": {
-        "attention": ("attention", {}),
-        "relevance": ("relevance", {}),
-        "gradcam": ("gradcam", {}),
-    },
-}
 RANDOM = "random map"
-METRICS = ("point", "point±1", "energy", "wrong", "pair", "same-col", "uniq-col")
+LOCALIZATION = ("point", "point±1", "energy", "wrong", "pair", "same-col", "uniq-col")
+FAITHFULNESS = ("del↓", "ins↑")
+METRICS = LOCALIZATION + FAITHFULNESS
+SWEPT_OPTIONS = ("start_layer",)  # options whose every value --sweep tries: the first image layer a method uses
 
 
 @dataclass
@@ -78,6 +77,11 @@ class Loaded:
     def backbone(self) -> str:
         return self.model.config.vision_config.backbone
 
+    @property
+    def image_layers(self) -> int:
+        vision = self.model.config.vision_config
+        return vision.num_hidden_layers if self.backbone == "vit" else 1
+
 
 def load(path: str | Path) -> Loaded:
     from transformers import AutoModel, CLIPImageProcessor, CLIPTokenizer
@@ -93,6 +97,41 @@ def load(path: str | Path) -> Loaded:
     )
 
 
+# ---- what runs: every method of the model's registry ----
+
+
+def label(method: str, options: dict) -> str:
+    """``relevance`` / ``relevance start_layer=0``: the method and the options that differ from its defaults."""
+    return method + "".join(f" {key}={value}" for key, value in options.items())
+
+
+def registry_methods(loaded: Loaded) -> dict[str, dict]:
+    """The methods the model's own code offers on its backbone, each with its default options."""
+    module = sys.modules[type(loaded.model).__module__]
+    return {
+        method: module._valid_explain_options(method, loaded.backbone)
+        for method in module._BACKBONE_METHODS[loaded.backbone]
+    }
+
+
+def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
+    """Rows to measure: label -> (method, options). Every registry method with its defaults; with ``sweep``, also
+    every value of the options in ``SWEPT_OPTIONS`` (a layer index: 0 .. layers - 1) that differs from the default."""
+    variants = {}
+    for method, defaults in registry_methods(loaded).items():
+        variants[label(method, {})] = (method, {})
+        for option in SWEPT_OPTIONS if sweep else ():
+            if option in defaults:
+                default = defaults[option] % loaded.image_layers
+                for value in range(loaded.image_layers):
+                    if value != default:
+                        variants[label(method, {option: value})] = (method, {option: value})
+    return variants
+
+
+# ---- scenes and inputs ----
+
+
 def multi_object_scenes(count: int, size: int) -> list[scenes.Scene]:
     """The first ``count`` held-out scenes with 2 or 3 objects, from ``EVAL_SEEDS[MULTI_START:]``."""
     found, index = [], MULTI_START
@@ -102,41 +141,6 @@ def multi_object_scenes(count: int, size: int) -> list[scenes.Scene]:
             found.append(scene)
         index += 1
     return found
-
-
-def cell_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Fraction of each grid cell covered by a pixel mask: ``[H, W]`` -> ``[gh, gw]``."""
-    grid_h, grid_w = grid
-    height, width = mask.shape
-    cells = mask.reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
-    return cells.mean(axis=(1, 3))
-
-
-def near(index: int, grid: tuple[int, int], radius: int) -> np.ndarray:
-    """Boolean ``[gh, gw]``: cells within Chebyshev distance ``radius`` of the flat cell ``index``."""
-    rows, cols = np.indices(grid)
-    row, col = divmod(index, grid[1])
-    return (np.abs(rows - row) <= radius) & (np.abs(cols - col) <= radius)
-
-
-def score_scene(maps: np.ndarray, coverages: list[np.ndarray], colors: list[str]) -> dict[str, list[float]]:
-    """Metrics of one scene. ``maps[k]``: the map for object k's caption ``[gh, gw]``; ``coverages[k]``: object k's
-    cell coverage. Returns a list of per-map (or per-pair) values for every metric."""
-    grid = maps.shape[1:]
-    out = {metric: [] for metric in METRICS}
-    energy = np.array([[(m * cov).sum() / max(m.sum(), 1e-12) for cov in coverages] for m in maps])  # [maps, objects]
-    for k, heat in enumerate(maps):
-        top = int(np.argmax(heat))
-        touches = [cov.flat[top] > 0 for cov in coverages]
-        out["point"].append(float(touches[k]))
-        out["point±1"].append(float((coverages[k][near(top, grid, 1)] > 0).any()))
-        out["energy"].append(float(energy[k, k]))
-        out["wrong"].append(float(not touches[k] and any(t for j, t in enumerate(touches) if j != k)))
-        out["same-col" if colors.count(colors[k]) > 1 else "uniq-col"].append(float(touches[k]))
-        for j in range(len(maps)):
-            if j != k:
-                out["pair"].append(1.0 if energy[k, k] > energy[j, k] else 0.5 if energy[k, k] == energy[j, k] else 0.0)
-    return out
 
 
 def pixel_values(loaded: Loaded, batch: list[scenes.Scene]) -> torch.Tensor:
@@ -163,70 +167,144 @@ def zero_shot_top1(loaded: Loaded, count: int, batch_size: int = 250) -> float:
     return correct / count
 
 
-def localization(loaded: Loaded, count: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """Every method's (and the random map's) metrics on ``count`` held-out multi-object scenes.
+def logit_scorer(loaded: Loaded, rows: list[int]):
+    """``images [B, 3, S, S] -> [B, len(rows)]``: the model's logits against the captions ``rows`` (as in its
+    forward: scaled cosine of the projected embeddings), the text side computed once."""
+    model = loaded.model
+    ids, mask = caption_ids(loaded)
+    with torch.no_grad():
+        text = model.get_text_features(ids[rows], mask[rows])  # [K, P]
+        text = text / text.norm(dim=-1, keepdim=True)
+        scale = model.logit_scale.exp()
 
-    One `explain` call per scene with just its objects' captions: every image x caption pair costs a backward
-    for the gradient methods, so pairing each image with all 30 captions would do about 12 times the work.
+    def score(images: torch.Tensor) -> torch.Tensor:
+        image = model.get_image_features(images)  # [B, P]
+        return scale * (image / image.norm(dim=-1, keepdim=True)) @ text.t()  # [B, K]
+
+    return score
+
+
+# ---- measuring ----
+
+
+def localization(
+    loaded: Loaded,
+    count: int,
+    variants: dict[str, tuple[str, dict]] | None = None,
+    faithfulness: int = 0,
+    steps: int = 8,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Every variant's (and the random map's) metrics on ``count`` held-out multi-object scenes; deletion and
+    insertion on the first ``faithfulness`` of them (NaN when 0).
+
+    One `explain` call per scene and variant with just its objects' captions: every image x caption pair costs a
+    backward for the gradient methods, so pairing each image with all 30 captions would do about 12 times the work.
     """
+    variants = method_variants(loaded) if variants is None else variants
     held_out = multi_object_scenes(count, loaded.size)
     vocabulary = {caption: i for i, caption in enumerate(scenes.all_captions())}
     ids, mask = caption_ids(loaded)
     rng = np.random.default_rng(seed)
-    methods = METHODS[loaded.backbone]
-    totals = {name: {metric: [] for metric in METRICS} for name in [*methods, RANDOM]}
-    for scene in held_out:
+    names = [*variants, RANDOM]
+    totals = {name: {metric: [] for metric in LOCALIZATION} for name in names}
+    curves = {name: {"deletion": [], "insertion": []} for name in names}
+    ends = {"full": [], "empty": []}
+    for index, scene in enumerate(held_out):
         px = pixel_values(loaded, [scene])
         rows = [vocabulary[caption] for caption in scene.captions]
         maps = {
             name: loaded.model.explain(px, ids[rows], mask[rows], method=method, **options).image_maps[0].numpy()
-            for name, (method, options) in methods.items()
+            for name, (method, options) in variants.items()
         }  # name -> [objects, gh, gw]
         grid = next(iter(maps.values())).shape[-2:]
         maps[RANDOM] = rng.random((len(rows), *grid))
-        coverages = [cell_coverage(obj.mask, grid) for obj in scene.objects]
+        coverages = [metrics.cell_coverage(obj.mask, grid) for obj in scene.objects]
         colors = [obj.color for obj in scene.objects]
         for name, object_maps in maps.items():
-            for metric, values in score_scene(object_maps, coverages, colors).items():
-                totals[name][metric].extend(values)
-    return {
+            scores = metrics.object_scores(object_maps, coverages)
+            for metric in ("point", "point±1", "energy", "wrong", "pair"):
+                totals[name][metric].extend(scores[metric])
+            for k, hit in enumerate(scores["point"]):
+                totals[name]["same-col" if colors.count(colors[k]) > 1 else "uniq-col"].append(hit)
+        if index < faithfulness:
+            stacked = np.concatenate([maps[name] for name in names])  # [names * objects, gh, gw]
+            targets = list(range(len(rows))) * len(names)
+            deletion, insertion = metrics.deletion_insertion(
+                px[0], torch.zeros_like(px[0]), stacked, targets, logit_scorer(loaded, rows), steps, rng
+            )  # each [names * objects, steps + 1]
+            ends["full"].extend(deletion[: len(rows), 0])
+            ends["empty"].extend(deletion[: len(rows), -1])
+            for n, name in enumerate(names):
+                part = slice(n * len(rows), (n + 1) * len(rows))
+                curves[name]["deletion"].extend(deletion[part])
+                curves[name]["insertion"].extend(insertion[part])
+    results = {
         name: {metric: float(np.mean(v)) if v else float("nan") for metric, v in m.items()}
         for name, m in totals.items()
     }
+    for name in names:
+        for metric, curve in (("del↓", "deletion"), ("ins↑", "insertion")):
+            results[name][metric] = (
+                metrics.relative_auc(np.array(curves[name][curve]), np.array(ends["full"]), np.array(ends["empty"]))
+                if ends["full"]
+                else float("nan")
+            )
+    return results
 
 
-def format_table(name: str, top1: float, results: dict[str, dict[str, float]], count: int) -> str:
+def ranked(results: dict[str, dict[str, float]]) -> list[str]:
+    """Row names, best first: by ``point±1``, then ``point``, then ``energy``."""
+    return sorted(results, key=lambda name: tuple(-results[name][m] for m in ("point±1", "point", "energy")))
+
+
+def format_table(
+    name: str, top1: float, results: dict[str, dict[str, float]], count: int, faithfulness: int, default: str = ""
+) -> str:
     lines = [
-        f"### {name}: zero-shot top-1 {top1:.3f}; localization on {count} held-out multi-object scenes",
+        f"### {name}: zero-shot top-1 {top1:.3f}; localization on {count} held-out multi-object scenes, "
+        f"deletion/insertion on the first {faithfulness}",
         "",
         "| method | " + " | ".join(METRICS) + " |",
         "|---" * (len(METRICS) + 1) + "|",
     ]
-    for method, metrics in results.items():
-        lines.append(f"| {method} | " + " | ".join(f"{metrics[m]:.3f}" for m in METRICS) + " |")
+    for method in ranked(results):
+        shown = f"**{method}** (default)" if method == default else method
+        lines.append(f"| {shown} | " + " | ".join(f"{results[method][m]:.3f}" for m in METRICS) + " |")
     return "\n".join(lines)
 
 
-def figure(loaded_models: list[Loaded], path: Path, count: int = 4, scale: int = 3) -> None:
-    """A PNG grid: for each model and a few held-out scenes, the image and each method's map for one object."""
+def default_variant(loaded: Loaded) -> str:
+    """The label of the model's default explanation (its config's choice, when it carries one)."""
+    config = loaded.model.config
+    method = getattr(config, "explain_method", None)
+    return label(method, dict(getattr(config, "explain_options", None) or {})) if method else ""
+
+
+# ---- the figure ----
+
+
+def figure(loaded_models: list[Loaded], path: Path, count: int = 3, scale: int = 3) -> None:
+    """A PNG grid: for each model and the first ``count`` held-out scenes, the image and every registry method's
+    map (default options) for the scene's last object."""
     from PIL import Image, ImageDraw
 
     from modeling_clipviz import overlay
 
     rows = []
     for loaded in loaded_models:
-        methods = METHODS[loaded.backbone]
-        for scene in multi_object_scenes(count, loaded.size)[:count]:
+        variants = method_variants(loaded)
+        for scene in multi_object_scenes(count, loaded.size):
             caption = scene.captions[-1]
             batch = loaded.tokenizer([caption], padding="longest", return_tensors="pt")
             px = pixel_values(loaded, [scene])
-            side = loaded.size * scale if loaded.size < 128 else loaded.size * scale // 2
+            side = 192  # every tile the same size, whatever the model's input
             picture = Image.fromarray(scene.image).resize((side, side), Image.NEAREST)
             tiles = [picture]
-            for method, options in methods.values():
+            for method, options in variants.values():
                 heat = loaded.model.explain(px, batch["input_ids"], batch["attention_mask"], method=method, **options)
                 tiles.append(overlay(picture, heat.image_maps[0, 0], alpha=0.55))
-            rows.append((f"{loaded.name}: {caption!r}", ["image", *methods], tiles))
+            rows.append((f"{loaded.name}: {caption!r}", ["image", *variants], tiles))
     width = max(sum(t.size[0] for t in tiles) + 4 * len(tiles) for _, _, tiles in rows)
     height = sum(tiles[0].size[1] + 34 for _, _, tiles in rows)
     sheet = Image.new("RGB", (width, height), "white")
@@ -235,8 +313,8 @@ def figure(loaded_models: list[Loaded], path: Path, count: int = 4, scale: int =
     for title, labels, tiles in rows:
         draw.text((4, y + 2), title, fill="black")
         x = 0
-        for label, tile in zip(labels, tiles, strict=True):
-            draw.text((x + 2, y + 16), label, fill="black")
+        for text, tile in zip(labels, tiles, strict=True):
+            draw.text((x + 2, y + 16), text, fill="black")
             sheet.paste(tile, (x, y + 30))
             x += tile.size[0] + 4
         y += tiles[0].size[1] + 34
@@ -247,21 +325,39 @@ def figure(loaded_models: list[Loaded], path: Path, count: int = 4, scale: int =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", help="model folders (e.g. embedded/clipviz-tiny-vit)")
-    parser.add_argument("--scenes", type=int, default=500, help="held-out multi-object scenes (>= 500 for the table)")
+    parser.add_argument("--scenes", type=int, default=300, help="held-out multi-object scenes")
+    parser.add_argument("--faithfulness", type=int, default=100, help="of those, scenes for deletion/insertion")
+    parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps per curve")
     parser.add_argument("--single", type=int, default=500, help="held-out single-object scenes for zero-shot top-1")
+    parser.add_argument("--sweep", action="store_true", help="also every first layer of methods that take one")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random map and the order of tied cells")
     parser.add_argument("--figure", type=Path, help="also save a PNG of maps here, e.g. docs/maps.png")
+    parser.add_argument("--json", type=Path, help="also save every number here")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: the tiny models' ops are too small to split)"
     )
     args = parser.parse_args(argv)
+    for flag in ("scenes", "steps", "single"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if not 0 <= args.faithfulness <= args.scenes:
+        parser.error("--faithfulness must lie between 0 and --scenes")
+    for path in args.models:
+        if not (Path(path) / "config.json").is_file():
+            parser.error(f"{path} is not a model folder (no config.json); pass e.g. embedded/clipviz-tiny-vit")
     torch.set_num_threads(args.threads)
     loaded_models = [load(path) for path in args.models]
+    saved = {}
     for loaded in loaded_models:
         started = time.time()
         top1 = zero_shot_top1(loaded, args.single)
-        results = localization(loaded, args.scenes)
-        print(format_table(loaded.name, top1, results, args.scenes))
+        variants = method_variants(loaded, args.sweep)
+        results = localization(loaded, args.scenes, variants, args.faithfulness, args.steps, args.seed)
+        print(format_table(loaded.name, top1, results, args.scenes, args.faithfulness, default_variant(loaded)))
         print(f"\n({time.time() - started:.0f} s)\n", flush=True)
+        saved[loaded.name] = {"top1": top1, "scenes": args.scenes, "faithfulness": args.faithfulness, "rows": results}
+    if args.json:
+        args.json.write_text(json.dumps(saved, indent=1, ensure_ascii=False) + "\n")
     if args.figure:
         figure(loaded_models, args.figure)
         print(f"figure saved to {args.figure}")
