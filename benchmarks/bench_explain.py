@@ -5,6 +5,9 @@ autograd is asked only for the tensors a method reads (for `relevance`, the atte
 on), one vmapped backward per side. The naive way, as Chefer's notebook is usually adapted, runs transformers'
 `CLIPModel` (eager attention, to get the weights) and a full `backward()` per prompt.
 
+Every method the explanation registry offers for the backbone gets a row (its default options), so a new method is
+timed without touching this script; ``EXTRA`` adds option variants worth their own row.
+
 Sizes: OpenAI's ViT-B/16 and RN50 architectures with random weights (speed does not depend on the weights), one
 224x224 image, 1 and 8 prompts of 12 tokens (prompts padded to the longest, as a tokenizer with
 `padding="longest"` gives; the causal text tower makes longer padding change nothing but cost). transformers has no
@@ -13,6 +16,7 @@ ModifiedResNet CLIP, so RN50's naive row is our own model with a full `backward(
 Usage::
 
     python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50]
+    python benchmarks/bench_explain.py --tiny --repeats 1   # seconds: 2-layer towers, 64 px, checks every row runs
 """
 
 from __future__ import annotations
@@ -29,20 +33,49 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import modeling_clipviz  # noqa: E402
 from configuration_clipviz import CLIPVizConfig  # noqa: E402
 from modeling_clipviz import CLIPVizModel  # noqa: E402
 
 PROMPT_LENGTH = 12
-METHODS = {
-    "ViT-B/16": [
-        ("attention", {}),
-        ("rollout", {}),
-        ("relevance", {}),
-        ("relevance", {"start_layer": 0}),
-        ("gradcam", {}),
-    ],
-    "RN50": [("attention", {}), ("relevance", {}), ("gradcam", {})],
+PRESETS = ("ViT-B/16", "RN50")
+EXTRA = {"vit": [("relevance", {"start_layer": 0})]}  # besides every registry method with its defaults
+TINY = {  # --tiny: the presets shrunk to 2-layer towers on 64 px, to check that every row runs
+    "text_config": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "vit": {
+        "image_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+    "resnet": {
+        "image_size": 64,
+        "resnet_layers": [1, 1, 1, 1],
+        "resnet_width": 8,
+        "hidden_size": 256,
+        "num_attention_heads": 2,
+    },
 }
+
+
+def methods(backbone: str) -> list[tuple[str, dict]]:
+    """Rows to time on a backbone: every registry method with its default options, then ``EXTRA``."""
+    return [(method, {}) for method in modeling_clipviz._BACKBONE_METHODS[backbone]] + EXTRA.get(backbone, [])
+
+
+def build(preset: str, tiny: bool) -> CLIPVizModel:
+    """The preset's architecture with random weights (seeded); ``tiny`` shrinks it (see ``TINY``)."""
+    torch.manual_seed(0)
+    config = CLIPVizConfig.from_preset(preset)
+    if tiny:
+        backbone = config.vision_config.backbone
+        config = CLIPVizConfig(
+            text_config={**config.text_config.to_dict(), **TINY["text_config"]},
+            vision_config={**config.vision_config.to_dict(), **TINY[backbone]},
+            projection_dim=64,
+        )
+    return CLIPVizModel(config).eval()
 
 
 def prompts(count: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
@@ -139,15 +172,14 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f" {key}={value}" for key, value in options.items())
 
 
-def bench(preset: str, repeats: int, counts: tuple[int, ...]) -> list[tuple[str, dict[int, float]]]:
+def bench(preset: str, repeats: int, counts: tuple[int, ...], tiny: bool = False) -> list[tuple[str, dict[int, float]]]:
     """Rows of (name, {prompt count: seconds})."""
-    torch.manual_seed(0)
-    model = CLIPVizModel(CLIPVizConfig.from_preset(preset)).eval()
+    model = build(preset, tiny)
     size = model.config.vision_config.image_size
     px = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     inputs = {count: prompts(count, model.config.text_config.vocab_size) for count in counts}
     rows = {"our plain forward (sdpa, no grad)": lambda ids: plain_forward(model, px, ids)}
-    for method, options in METHODS[preset]:
+    for method, options in methods(model.config.vision_config.backbone):
         rows[f"explain {label(method, options)}"] = lambda ids, m=method, o=options: model.explain(
             px, ids, method=m, **o
         )
@@ -180,10 +212,13 @@ def format_rows(preset: str, rows: list[tuple[str, dict[int, float]]], counts: t
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="shrunk towers: checks every row runs, times mean nothing")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     counts = (1, 8)
     print(
@@ -191,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         f"best of {args.repeats} interleaved rounds"
     )
     for preset in args.models:
-        rows = bench(preset, args.repeats, counts)
+        rows = bench(preset, args.repeats, counts, args.tiny)
         print()
-        print(format_rows(preset, rows, counts), flush=True)
+        print(format_rows(preset + (" (tiny)" if args.tiny else ""), rows, counts), flush=True)
     return 0
 
 
