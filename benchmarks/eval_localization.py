@@ -40,6 +40,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from clipviz import scenes  # noqa: E402
+from clipviz.metrics import SCENE_METRICS as METRICS  # noqa: E402
+from clipviz.metrics import cell_coverage, score_scene  # noqa: E402
 
 MULTI_START = 50_000  # multi-object scenes are taken from EVAL_SEEDS[MULTI_START:], single-object ones from [0:]
 METHODS = {
@@ -57,7 +59,6 @@ METHODS = {
     },
 }
 RANDOM = "random map"
-METRICS = ("point", "point±1", "energy", "wrong", "pair", "same-col", "uniq-col")
 
 
 @dataclass
@@ -102,41 +103,6 @@ def multi_object_scenes(count: int, size: int) -> list[scenes.Scene]:
             found.append(scene)
         index += 1
     return found
-
-
-def cell_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """Fraction of each grid cell covered by a pixel mask: ``[H, W]`` -> ``[gh, gw]``."""
-    grid_h, grid_w = grid
-    height, width = mask.shape
-    cells = mask.reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
-    return cells.mean(axis=(1, 3))
-
-
-def near(index: int, grid: tuple[int, int], radius: int) -> np.ndarray:
-    """Boolean ``[gh, gw]``: cells within Chebyshev distance ``radius`` of the flat cell ``index``."""
-    rows, cols = np.indices(grid)
-    row, col = divmod(index, grid[1])
-    return (np.abs(rows - row) <= radius) & (np.abs(cols - col) <= radius)
-
-
-def score_scene(maps: np.ndarray, coverages: list[np.ndarray], colors: list[str]) -> dict[str, list[float]]:
-    """Metrics of one scene. ``maps[k]``: the map for object k's caption ``[gh, gw]``; ``coverages[k]``: object k's
-    cell coverage. Returns a list of per-map (or per-pair) values for every metric."""
-    grid = maps.shape[1:]
-    out = {metric: [] for metric in METRICS}
-    energy = np.array([[(m * cov).sum() / max(m.sum(), 1e-12) for cov in coverages] for m in maps])  # [maps, objects]
-    for k, heat in enumerate(maps):
-        top = int(np.argmax(heat))
-        touches = [cov.flat[top] > 0 for cov in coverages]
-        out["point"].append(float(touches[k]))
-        out["point±1"].append(float((coverages[k][near(top, grid, 1)] > 0).any()))
-        out["energy"].append(float(energy[k, k]))
-        out["wrong"].append(float(not touches[k] and any(t for j, t in enumerate(touches) if j != k)))
-        out["same-col" if colors.count(colors[k]) > 1 else "uniq-col"].append(float(touches[k]))
-        for j in range(len(maps)):
-            if j != k:
-                out["pair"].append(1.0 if energy[k, k] > energy[j, k] else 0.5 if energy[k, k] == energy[j, k] else 0.0)
-    return out
 
 
 def pixel_values(loaded: Loaded, batch: list[scenes.Scene]) -> torch.Tensor:
