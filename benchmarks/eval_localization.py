@@ -18,11 +18,12 @@ Metrics (multi-object scenes: one map per object, prompted with that object's ca
   does (ties count 1/2, so a prompt-independent map scores exactly 0.5).
 - ``same-col``: strict pointing on the objects that share their colour with another object (only the shape word
   tells them apart: the hard case); ``uniq-col``: the same on the objects whose colour is unique in the scene.
-- ``del↓`` / ``ins↑``: faithfulness on the first ``--faithfulness`` scenes: grid cells removed (deletion) or
-  revealed (insertion) in the order the map ranks them, ``--steps`` steps, tracking the prompt's logit; a removed
-  cell shows the dataset mean (zero in normalized pixels, the colour the processor pads with). Area under the mean
-  curve, rescaled so the intact image's logit is 1 and the all-mean image's 0 (RISE, Petsiuk et al. 2018; Chefer
-  et al. 2021's positive/negative perturbation). Deletion: lower is better; insertion: higher is better.
+- ``del↓`` / ``ins↑``: faithfulness on the first ``--faithfulness`` scenes (:func:`clipviz.metrics.perturbation_curve`):
+  pixels removed (deletion) or revealed (insertion) in the order of the map (upsampled bilinearly), in ``--steps``
+  equal steps, tracking the prompt's logit. A removed pixel shows the dataset mean (zero in normalized pixels, the
+  colour the processor pads with) in both curves. Area under the mean curve over all prompts, rescaled so the intact
+  image's logit is 1 and the all-mean image's 0 (RISE, Petsiuk et al. 2018; the positive/negative perturbation
+  test of Chefer et al. 2021). Deletion: lower is better; insertion: higher is better.
 
 Also zero-shot top-1 over the 30 captions on single-object scenes, and a random-map baseline (uniform noise per
 cell, seeded) scored the same way. Rows are ranked by ``point±1``, then ``point``, then ``energy``.
@@ -53,7 +54,7 @@ from clipviz import metrics, scenes  # noqa: E402
 
 MULTI_START = 50_000  # multi-object scenes are taken from EVAL_SEEDS[MULTI_START:], single-object ones from [0:]
 RANDOM = "random map"
-LOCALIZATION = ("point", "point±1", "energy", "wrong", "pair", "same-col", "uniq-col")
+LOCALIZATION = metrics.SCENE_METRICS
 FAITHFULNESS = ("del↓", "ins↑")
 METRICS = LOCALIZATION + FAITHFULNESS
 SWEPT_OPTIONS = ("start_layer",)  # options whose every value --sweep tries: the first image layer a method uses
@@ -209,7 +210,6 @@ def localization(
     names = [*variants, RANDOM]
     totals = {name: {metric: [] for metric in LOCALIZATION} for name in names}
     curves = {name: {"deletion": [], "insertion": []} for name in names}
-    ends = {"full": [], "empty": []}
     for index, scene in enumerate(held_out):
         px = pixel_values(loaded, [scene])
         rows = [vocabulary[caption] for caption in scene.captions]
@@ -222,35 +222,36 @@ def localization(
         coverages = [metrics.cell_coverage(obj.mask, grid) for obj in scene.objects]
         colors = [obj.color for obj in scene.objects]
         for name, object_maps in maps.items():
-            scores = metrics.object_scores(object_maps, coverages)
-            for metric in ("point", "point±1", "energy", "wrong", "pair"):
-                totals[name][metric].extend(scores[metric])
-            for k, hit in enumerate(scores["point"]):
-                totals[name]["same-col" if colors.count(colors[k]) > 1 else "uniq-col"].append(hit)
+            for metric, values in metrics.score_scene(object_maps, coverages, colors).items():
+                totals[name][metric].extend(values)
         if index < faithfulness:
-            stacked = np.concatenate([maps[name] for name in names])  # [names * objects, gh, gw]
-            targets = list(range(len(rows))) * len(names)
-            deletion, insertion = metrics.deletion_insertion(
-                px[0], torch.zeros_like(px[0]), stacked, targets, logit_scorer(loaded, rows), steps, rng
-            )  # each [names * objects, steps + 1]
-            ends["full"].extend(deletion[: len(rows), 0])
-            ends["empty"].extend(deletion[: len(rows), -1])
-            for n, name in enumerate(names):
-                part = slice(n * len(rows), (n + 1) * len(rows))
-                curves[name]["deletion"].extend(deletion[part])
-                curves[name]["insertion"].extend(insertion[part])
+            scorer = logit_scorer(loaded, rows)
+            removed = torch.zeros_like(px[0])  # the dataset mean in normalized pixels
+            for name, object_maps in maps.items():
+                for k, heat in enumerate(object_maps):
+                    for mode in ("deletion", "insertion"):
+                        curve = metrics.perturbation_curve(
+                            lambda images, k=k, scorer=scorer: scorer(images)[:, k], px[0], heat, mode, steps, removed
+                        )
+                        curves[name][mode].append(curve)
     results = {
         name: {metric: float(np.mean(v)) if v else float("nan") for metric, v in m.items()}
         for name, m in totals.items()
     }
     for name in names:
-        for metric, curve in (("del↓", "deletion"), ("ins↑", "insertion")):
-            results[name][metric] = (
-                metrics.relative_auc(np.array(curves[name][curve]), np.array(ends["full"]), np.array(ends["empty"]))
-                if ends["full"]
-                else float("nan")
-            )
+        results[name]["del↓"] = relative_auc(curves[name]["deletion"], "deletion")
+        results[name]["ins↑"] = relative_auc(curves[name]["insertion"], "insertion")
     return results
+
+
+def relative_auc(curves: list[np.ndarray], mode: str) -> float:
+    """Area under the mean curve on a scale where the intact image's logit is 1 and the all-removed image's 0
+    (NaN without curves). Averaging before rescaling keeps pairs whose two end points are close from blowing up."""
+    if not curves:
+        return float("nan")
+    mean = np.mean(curves, axis=0)  # [steps + 1]
+    full, empty = (mean[0], mean[-1]) if mode == "deletion" else (mean[-1], mean[0])
+    return (metrics.curve_auc(mean) - empty) / (full - empty)
 
 
 def ranked(results: dict[str, dict[str, float]]) -> list[str]:
