@@ -116,9 +116,14 @@ def registry_methods(loaded: Loaded) -> dict[str, dict]:
 
 
 def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
-    """Rows to measure: label -> (method, options). Every registry method with its defaults; with ``sweep``, also
-    every value of the options in ``SWEPT_OPTIONS`` (a layer index: 0 .. layers - 1) that differs from the default."""
+    """Rows to measure: label -> (method, options). The model's default (its config's choice, when it carries one),
+    every registry method with its defaults and, with ``sweep``, every value of the options in ``SWEPT_OPTIONS`` (a
+    layer index: 0 .. layers - 1) that differs from the method's default."""
     variants = {}
+    config = loaded.model.config
+    if getattr(config, "explain_method", None):
+        options = dict(getattr(config, "explain_options", None) or {})
+        variants[label(config.explain_method, options)] = (config.explain_method, options)
     for method, defaults in registry_methods(loaded).items():
         variants[label(method, {})] = (method, {})
         for option in SWEPT_OPTIONS if sweep else ():
