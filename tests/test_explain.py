@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from clipviz.rendering import overlay
 from configuration_clipviz import CLIPVizConfig
-from modeling_clipviz import (
-    CLIPVizExplanationOutput,
-    CLIPVizModel,
-    _discard_lowest,
-    overlay,
-)
+from explaining_clipviz import CLIPVizExplanationOutput, _discard_lowest
+from modeling_clipviz import CLIPVizModel
 
 BOS, EOS = 98, 99
 TEXT = dict(
