@@ -295,7 +295,7 @@ def figure(loaded_models: list[Loaded], path: Path, count: int = 3, scale: int =
     map (default options) for the scene's last object."""
     from PIL import Image, ImageDraw
 
-    from modeling_clipviz import overlay
+    from clipviz.rendering import overlay
 
     rows = []
     for loaded in loaded_models:
