@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import modeling_clipviz  # noqa: E402
+import explaining_clipviz  # noqa: E402
 from configuration_clipviz import CLIPVizConfig  # noqa: E402
 from modeling_clipviz import CLIPVizModel  # noqa: E402
 
@@ -61,7 +61,7 @@ TINY = {  # --tiny: the presets shrunk to 2-layer towers on 64 px, to check that
 
 def methods(backbone: str) -> list[tuple[str, dict]]:
     """Rows to time on a backbone: every registry method with its default options, then ``EXTRA``."""
-    return [(method, {}) for method in modeling_clipviz._BACKBONE_METHODS[backbone]] + EXTRA.get(backbone, [])
+    return [(method.name, {}) for method in explaining_clipviz.methods_for(backbone)] + EXTRA.get(backbone, [])
 
 
 def build(preset: str, tiny: bool) -> CLIPVizModel:

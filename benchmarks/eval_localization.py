@@ -106,32 +106,26 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f" {key}={value}" for key, value in options.items())
 
 
-def registry_methods(loaded: Loaded) -> dict[str, dict]:
-    """The methods the model's own code offers on its backbone, each with its default options."""
-    module = sys.modules[type(loaded.model).__module__]
-    return {
-        method: module._valid_explain_options(method, loaded.backbone)
-        for method in module._BACKBONE_METHODS[loaded.backbone]
-    }
+def registry_methods(loaded: Loaded) -> dict[str, object]:
+    """The methods the model's own explanation code registers for its backbone (name -> its registry entry)."""
+    explaining = sys.modules[type(loaded.model).explain.__module__]
+    return {method.name: method for method in explaining.methods_for(loaded.backbone)}
 
 
 def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
-    """Rows to measure: label -> (method, options). The model's default (its config's choice, when it carries one),
-    every registry method with its defaults and, with ``sweep``, every value of the options in ``SWEPT_OPTIONS`` (a
-    layer index: 0 .. layers - 1) that differs from the method's default."""
-    variants = {}
+    """Rows to measure: label -> (method, options). The model's default (``config.explain_method`` with its
+    options), every registry method with its defaults and, with ``sweep``, every layer of the image-layer options
+    named in ``SWEPT_OPTIONS`` (0 .. layers - 1) other than the option's default."""
     config = loaded.model.config
-    if getattr(config, "explain_method", None):
-        options = dict(getattr(config, "explain_options", None) or {})
-        variants[label(config.explain_method, options)] = (config.explain_method, options)
-    for method, defaults in registry_methods(loaded).items():
-        variants[label(method, {})] = (method, {})
-        for option in SWEPT_OPTIONS if sweep else ():
-            if option in defaults:
-                default = defaults[option] % loaded.image_layers
+    default = dict(config.explain_options)
+    variants = {label(config.explain_method, default): (config.explain_method, default)}
+    for name, method in registry_methods(loaded).items():
+        variants.setdefault(label(name, {}), (name, {}))
+        for option in method.options if sweep else ():
+            if option.name in SWEPT_OPTIONS and option.kind == "image_layer" and loaded.backbone in option.backbones:
                 for value in range(loaded.image_layers):
-                    if value != default:
-                        variants[label(method, {option: value})] = (method, {option: value})
+                    if value != option.default % loaded.image_layers:
+                        variants.setdefault(label(name, {option.name: value}), (name, {option.name: value}))
     return variants
 
 
@@ -281,10 +275,9 @@ def format_table(
 
 
 def default_variant(loaded: Loaded) -> str:
-    """The label of the model's default explanation (its config's choice, when it carries one)."""
+    """The label of the model's default explanation (``config.explain_method`` with its options)."""
     config = loaded.model.config
-    method = getattr(config, "explain_method", None)
-    return label(method, dict(getattr(config, "explain_options", None) or {})) if method else ""
+    return label(config.explain_method, dict(config.explain_options))
 
 
 # ---- the figure ----

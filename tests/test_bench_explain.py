@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-import modeling_clipviz
+import explaining_clipviz
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,8 +21,8 @@ def test_every_registry_method_gets_a_row_on_both_backbones():
     bench = load_benchmark()
     for preset, backbone in (("ViT-B/16", "vit"), ("RN50", "resnet")):
         rows = dict(bench.bench(preset, repeats=1, counts=(1, 2), tiny=True))
-        for method in modeling_clipviz._BACKBONE_METHODS[backbone]:
-            assert f"explain {method}" in rows, (preset, method, list(rows))
+        for method in explaining_clipviz.methods_for(backbone):
+            assert f"explain {method.name}" in rows, (preset, method.name, list(rows))
         for seconds in rows.values():
             assert set(seconds) == {1, 2} and all(value > 0 for value in seconds.values())
         table = bench.format_rows(preset, list(rows.items()), (1, 2))
