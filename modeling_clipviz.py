@@ -98,8 +98,9 @@ def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, 
 def _uses_sdpa(config, hidden: torch.Tensor) -> bool:
     """Whether attention on `hidden` runs through SDPA: under "sdpa", except bf16 on CPUs with AVX-512 BF16."""
     # There oneDNN's bf16 matmuls beat SDPA's flash kernel 2.5x per ViT-B/16 attention at batch 16 (7 vs 18 ms on the
-    # README's benchmark machine). Without AVX-512 BF16 it is the other way round (AVX2: 1981 vs 105 ms in
-    # `benchmarks/bench_attention.py`, a whole block 1.5x slower), and CPU fp16 has no fast matmul at all.
+    # README's benchmark machine, an earlier form of the explicit path). Without AVX-512 BF16 it is the other way
+    # round (AVX2: 1981 vs 105 ms in `benchmarks/bench_attention.py`, a whole block 1.5x slower), and CPU fp16 has no
+    # fast matmul at all.
     if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and _cpu_has_avx512_bf16():
         return False
     return getattr(config, "_attn_implementation", None) == "sdpa"
@@ -195,7 +196,7 @@ class CLIPVizResidualAttentionBlock(nn.Module):
         """`[B, L, D]` -> `([B, L, D], weights or None)`. With `num_queries`, only the first `num_queries` tokens'
         outputs are computed (they still attend to every token): `[B, num_queries, D]`."""
         attended, weights = self.self_attn(self.ln_1(x), attn_mask, output_attentions, num_queries)
-        x = x[:, :num_queries] + attended
+        x = x[:, :num_queries] + attended  # [B, num_queries or L, D]
         x = x + self.mlp(self.ln_2(x))
         return x, weights
 
@@ -273,7 +274,7 @@ class CLIPVizTextTransformer(nn.Module):
         last_hidden_state = self.ln_final(encoded.last_hidden_state)
         # OpenAI pools at the end-of-text token, the largest id of each sequence (argmax takes the first one)
         eot_positions = input_ids.argmax(dim=-1)
-        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), eot_positions]
+        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), eot_positions]  # [B, D]
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled,
@@ -327,7 +328,7 @@ class CLIPVizVisionTransformer(nn.Module):
     def forward(self, pixel_values, output_attentions=False, output_hidden_states=False):
         x = self.ln_pre(self.embed(pixel_values))
         encoded = self.encoder(x, None, output_attentions, output_hidden_states)
-        pooled = self.ln_post(encoded.last_hidden_state[:, 0, :])
+        pooled = self.ln_post(encoded.last_hidden_state[:, 0, :])  # [B, D]: the class token
         return BaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=pooled,
@@ -1186,8 +1187,8 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
         text_embeds = text_outputs.pooler_output @ self.text_projection.to(text_outputs.pooler_output.dtype)
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        logits_per_image = self.logit_scale.exp().to(image_embeds.dtype) * image_embeds @ text_embeds.t()
-        logits_per_text = logits_per_image.t()
+        logits_per_image = self.logit_scale.exp().to(image_embeds.dtype) * image_embeds @ text_embeds.t()  # [I, T]
+        logits_per_text = logits_per_image.t()  # [T, I]
         loss = clip_loss(logits_per_text) if return_loss else None
 
         output = CLIPVizOutput(
