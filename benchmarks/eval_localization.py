@@ -250,7 +250,7 @@ def relative_auc(curves: list[np.ndarray], mode: str) -> float:
         return float("nan")
     mean = np.mean(curves, axis=0)  # [steps + 1]
     full, empty = (mean[0], mean[-1]) if mode == "deletion" else (mean[-1], mean[0])
-    return (metrics.curve_auc(mean) - empty) / (full - empty)
+    return float((metrics.curve_auc(mean) - empty) / (full - empty))
 
 
 def ranked(results: dict[str, dict[str, float]]) -> list[str]:
