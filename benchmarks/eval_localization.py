@@ -21,7 +21,7 @@ Metrics (multi-object scenes: one map per object, prompted with that object's ca
 - ``del↓`` / ``ins↑``: faithfulness on the first ``--faithfulness`` scenes (:func:`clipviz.metrics.perturbation_curve`):
   pixels removed (deletion) or revealed (insertion) in the order of the map (upsampled bilinearly), in ``--steps``
   equal steps, tracking the prompt's logit. A removed pixel shows the dataset mean (zero in normalized pixels, the
-  colour the processor pads with) in both curves. Area under the mean curve over all prompts, rescaled so the intact
+  colour the Space letterboxes with) in both curves. Area under the mean curve over all prompts, rescaled so the intact
   image's logit is 1 and the all-mean image's 0 (RISE, Petsiuk et al. 2018; the positive/negative perturbation
   test of Chefer et al. 2021). Deletion: lower is better; insertion: higher is better.
 
