@@ -5,7 +5,8 @@ UI wiring only: every decision (decoding, limits, prompts, models, maps, scores,
 
 Run: ``python space/app.py`` (honours ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``). Settings by environment:
 ``CLIPVIZ_MODEL``/``CLIPVIZ_REVISION`` (see explainer.py), ``CLIPVIZ_QUEUE_SIZE`` (default 16),
-``CLIPVIZ_CONCURRENCY`` (default 1: on a 2-core CPU, requests in parallel only slow each other down).
+``CLIPVIZ_CONCURRENCY`` (default 1: on a 2-core CPU, requests in parallel only slow each other down),
+``CLIPVIZ_CACHE_SECONDS`` (default 900: how long uploads and results stay in Gradio's cache).
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import explainer
 import gradio as gr
 import imaging
 from errors import UserError
+from inputs import CheckedSlider
 from upload import UploadImage
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 QUEUE_SIZE = int(os.environ.get("CLIPVIZ_QUEUE_SIZE", "16"))
 CONCURRENCY = int(os.environ.get("CLIPVIZ_CONCURRENCY", "1"))
+# uploads and results in Gradio's cache live this long, then go (checked every CACHE_SECONDS / 4, at most a minute)
+CACHE_SECONDS = max(1, int(os.environ.get("CLIPVIZ_CACHE_SECONDS", "900")))
+DELETE_CACHE = (max(1, min(60, CACHE_SECONDS // 4)), CACHE_SECONDS)
 INTRO = """# Where does CLIP look?
 Upload, paste or capture a photo, type up to 8 prompts (one per line) and press **Explain**. Each prompt gets its own
 heat map over the photo; the bars show how CLIP splits its belief between *your* prompts.
@@ -33,7 +38,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
     """The Blocks app; ``cache`` defaults to the models listed by ``explainer.model_choices()``."""
     cache = cache or explainer.ModelCache.from_env()
     files = explainer.OutputFiles()
-    with gr.Blocks(title="clipviz: where does CLIP look?") as demo:
+    with gr.Blocks(title="clipviz: where does CLIP look?", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
@@ -64,14 +69,14 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                     head_grid = gr.Checkbox(False, label="Also show every head of this layer")
                 with gr.Accordion("Rollout options", open=False, visible=False) as rollout_controls:
                     head_fusion = gr.Radio(list(explainer.ROLLOUT_FUSIONS), value="mean", label="Head fusion")
-                    discard_ratio = gr.Slider(0.0, 0.99, value=0.0, step=0.01, label="Discard ratio")
+                    discard_ratio = CheckedSlider(0.0, 0.99, value=0.0, step=0.01, label="Discard ratio")
                 with gr.Accordion("Relevance options", open=False) as relevance_controls:
                     start_layer = gr.Dropdown(
                         ["last"], value="last", label="First layer used (earlier: sharper, slower)",
                         allow_custom_value=True,
                     )  # fmt: skip
                 with gr.Row():
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                    alpha = CheckedSlider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                     colormap = gr.Dropdown(list(explainer.COLORMAPS), value="jet", label="Colour map")
                 run = gr.Button("Explain", variant="primary", elem_id="explain-button")
                 status = gr.Markdown(elem_id="model-status")

@@ -383,20 +383,49 @@ class Settings:
 def settings_from_ui(
     method, layer, head, head_grid, alpha, colormap, head_fusion, discard_ratio, start_layer
 ) -> Settings:
-    """Settings from the UI's (or the API's) values, in the order of the ``explain`` endpoint's parameters."""
-    if not 0.0 <= float(alpha) <= 1.0:
+    """Settings from the UI's (or the API's) values, in the order of the ``explain`` endpoint's parameters.
+
+    API clients can send anything (``opacity="abc"``), so numbers and flags are parsed here with a message naming the
+    option, instead of letting ``float()`` fail with an error the UI would only show as a generic one."""
+    alpha = parse_number(alpha, "overlay opacity (opacity)")
+    if not 0.0 <= alpha <= 1.0:
         raise UserError(f"The overlay opacity must be between 0 and 1, not {alpha}.")
     return Settings(
         method=str(method),
         layer=parse_layer(layer),
         head=str(head),
-        head_grid=bool(head_grid),
-        alpha=float(alpha),
+        head_grid=parse_flag(head_grid, "head_grid"),
+        alpha=alpha,
         colormap=str(colormap),
         head_fusion=str(head_fusion),
-        discard_ratio=float(discard_ratio),
+        discard_ratio=parse_number(discard_ratio, "discard ratio (discard_ratio)"),
         start_layer=parse_layer(start_layer),
     )
+
+
+def parse_number(value, what: str) -> float:
+    """A finite number from a slider or an API value (a number or its text); anything else is a UserError."""
+    import math
+
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"The {what} must be a number, not {value!r}.")
+    return number
+
+
+def parse_flag(value, what: str) -> bool:
+    """A checkbox value: a bool, or its text ("true"/"false") from an API client; anything else is a UserError."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise UserError(f"The {what} option must be true or false, not {value!r}.")
 
 
 def method_options(loaded: LoadedModel, settings: Settings) -> dict:
@@ -565,15 +594,18 @@ def explain(loaded: LoadedModel, image: Image.Image, prompts: list[str], setting
         grid = head_maps(loaded, prepared.pixel_values, settings) if settings.head_grid else []
     image_maps = result.image_maps[0].detach().float().numpy()  # [num_prompts, gh, gw]
     probabilities = torch.softmax(result.logits_per_image[0].detach().float(), dim=-1).tolist()
+    scores = token_scores(tokens.pieces, result.text_maps[0].detach().float().numpy())
+    note = method_note(settings.method, loaded.backbone)
+    silent = silent_words_note(settings.method, prompts, scores)
     return Explanation(
         overlays=[
             (draw(loaded, prepared, image_maps[i], settings), f"{prompt} · {probabilities[i]:.0%}")
             for i, prompt in enumerate(prompts)
         ],
         probabilities=dict(zip(prompts, probabilities, strict=True)),
-        token_relevance=token_entries(prompts, tokens.pieces, result.text_maps[0].detach().float().numpy()),
+        token_relevance=token_entries(tokens.pieces, scores),
         head_grid=head_grid_images(loaded, prepared, grid, settings),
-        note=method_note(settings.method, loaded.backbone),
+        note=f"{silent}\n\n{note}" if silent else note,
     )
 
 
@@ -585,20 +617,53 @@ def draw(loaded: LoadedModel, prepared: Prepared, grid_map: np.ndarray, settings
     return loaded.overlay(display, mapped, alpha=settings.alpha, colormap=settings.colormap)
 
 
-def token_entries(prompts: list[str], pieces: list[list[str]], text_maps: np.ndarray) -> list[tuple[str, float | None]]:
-    """HighlightedText entries: each prompt's tokens with relevance scaled to max 1 within the prompt.
+def token_scores(pieces: list[list[str]], text_maps: np.ndarray) -> list[np.ndarray | None]:
+    """Each prompt's token relevance scaled to max 1 within the prompt; None where the map is zero on every word.
 
-    ``text_maps`` rows are laid out as the token ids ([start, pieces..., end, padding]); only the pieces are shown,
+    ``text_maps`` rows are laid out as the token ids ([start, pieces..., end, padding]); only the pieces count,
     since the markers are the same for every prompt.
     """
+    scores = []
+    for prompt_pieces, row in zip(pieces, text_maps, strict=True):
+        values = np.clip(np.asarray(row[1 : 1 + len(prompt_pieces)], dtype=np.float64), 0, None)
+        peak = values.max() if values.size else 0.0
+        scores.append(values / peak if peak > 0 else None)
+    return scores
+
+
+def token_entries(pieces: list[list[str]], scores: list[np.ndarray | None]) -> list[tuple[str, float | None]]:
+    """HighlightedText entries: each prompt's number, then its tokens with their scores (see :func:`token_scores`).
+
+    A prompt whose scores are None is shown as plain text (every entry None): an all-zero row would otherwise look
+    like a highlight that failed to render; :func:`silent_words_note` says why it is plain.
+    """
     entries: list[tuple[str, float | None]] = []
-    for index, (prompt_pieces, row) in enumerate(zip(pieces, text_maps, strict=True)):
-        scores = np.clip(np.asarray(row[1 : 1 + len(prompt_pieces)], dtype=np.float64), 0, None)
-        peak = scores.max() if scores.size else 0.0
-        scaled = scores / peak if peak > 0 else scores
+    for index, (prompt_pieces, prompt_scores) in enumerate(zip(pieces, scores, strict=True)):
         entries.append((f"{'   ' if index else ''}{index + 1}. ", None))
-        entries += [(text, round(float(score), 3)) for text, score in zip(prompt_pieces, scaled, strict=True)]
+        if prompt_scores is None:
+            entries += [(text, None) for text in prompt_pieces]
+        else:
+            entries += [
+                (text, round(float(score), 3)) for text, score in zip(prompt_pieces, prompt_scores, strict=True)
+            ]
     return entries
+
+
+def silent_words_note(method: str, prompts: list[str], scores: list[np.ndarray | None]) -> str:
+    """A sentence for prompts whose token map is zero everywhere ("" when every prompt has one)."""
+    silent = [
+        f"{index} (“{_shorten(prompt)}”)"
+        for index, (prompt, row) in enumerate(zip(prompts, scores, strict=True), start=1)
+        if row is None
+    ]
+    if not silent:
+        return ""
+    which, them = (f"prompt {silent[0]}", "it") if len(silent) == 1 else (f"prompts {', '.join(silent)}", "them")
+    return (
+        f"**No word relevance for {which}**: {METHOD_LABELS.get(method, method)} gave every word of {them} a score "
+        f"of zero (no word raised the image–text score through what this method measures), so the words are shown "
+        "uncoloured. Another method (e.g. relevance) may still attribute the match to words."
+    )
 
 
 def head_maps(loaded: LoadedModel, pixel_values, settings: Settings) -> list[np.ndarray]:

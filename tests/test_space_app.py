@@ -198,6 +198,10 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
         ("a cat", {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"}, "Rollout needs a stack"),
         ("a cat", {"method": "attention", "head": "99"}, "head must be 'mean', 'max' or a number from 1 to"),
         ("a cat", {"model": "clipviz/clip-vit-b-16"}, "Could not load the model 'clipviz/clip-vit-b-16'"),
+        ("a cat", {"opacity": "abc"}, "The overlay opacity must be a number, not 'abc'"),
+        ("a cat", {"opacity": 3}, "The overlay opacity must be between 0 and 1, not 3"),
+        ("a cat", {"method": "rollout", "discard_ratio": "lots"}, "The discard ratio must be a number, not 'lots'"),
+        ("a cat", {"head_grid": "maybe"}, "The head_grid option must be true or false, not 'maybe'"),
     ],
 )
 def test_bad_requests_get_readable_errors(client, prompts, options, message):
@@ -215,6 +219,49 @@ def test_a_file_that_is_not_an_image_is_refused_readably(client, tmp_path):
 def test_an_unlisted_model_cannot_be_requested(client):
     with pytest.raises(AppError):  # the dropdown refuses values outside its choices: no arbitrary remote code
         explain(client, SCENE, ["a cat"], model="someone/malicious-repo")
+
+
+# ---- the cache does not grow ----
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
+
+
+def test_uploads_and_results_leave_the_cache_after_their_lifetime(tmp_path):
+    """With ``CLIPVIZ_CACHE_SECONDS=2``, N requests (each a different upload, with the per-head grid for more
+    result files) fill Gradio's cache; a few seconds later it holds no more files than before the first request."""
+    short = SpaceServer(CLIPVIZ_CACHE_SECONDS="2", **model_env())
+    try:
+        cache = short.workdir / "gradio"
+        before = len(cache_files(cache))
+        client = Client(short.url, verbose=False)
+        for index in range(6):
+            image = tmp_path / f"scene_{index}.png"
+            with Image.open(SCENE) as scene:
+                scene.rotate(index * 15).save(image)  # different bytes: a new cache entry each time
+            explain(client, image, ["a photo of a blue circle", "a red square"], method="attention", head_grid=True)
+        during = len(cache_files(cache))
+        assert during >= before + 6 * 3  # at least the upload and two overlays per request
+        deadline = time.monotonic() + 30
+        while len(cache_files(cache)) > before and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(cache_files(cache)) <= before, cache_files(cache)
+    finally:
+        short.stop()
+
+
+def test_checked_slider_refuses_what_a_slider_cannot_hold():
+    import gradio as gr
+    from inputs import CheckedSlider
+
+    slider = CheckedSlider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+    assert slider.get_block_name() == "slider"  # gr.Slider's front end
+    assert slider.preprocess(0.3) == 0.3 and slider.preprocess("0.25") == 0.25
+    for bad, message in [("abc", "must be a number, not 'abc'"), (None, "must be a number, not None"),
+                         (1.5, "must be between 0 and 1, not 1.5"), ("-1", "must be between 0 and 1, not -1")]:  # fmt: skip
+        with pytest.raises(gr.Error, match=f"The overlay opacity {message}"):
+            slider.preprocess(bad)
 
 
 # ---- files the server must not hand out ----

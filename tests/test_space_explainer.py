@@ -228,6 +228,31 @@ def test_settings_from_ui_values():
 
 
 @pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"alpha": "abc"}, r"overlay opacity \(opacity\) must be a number, not 'abc'"),
+        ({"alpha": None}, r"overlay opacity \(opacity\) must be a number, not None"),
+        ({"alpha": "nan"}, r"overlay opacity \(opacity\) must be a number, not 'nan'"),
+        ({"alpha": True}, r"overlay opacity \(opacity\) must be a number, not True"),
+        ({"discard_ratio": [0.5]}, r"discard ratio \(discard_ratio\) must be a number, not \[0.5\]"),
+        ({"head_grid": "maybe"}, "head_grid option must be true or false, not 'maybe'"),
+    ],
+)
+def test_non_numeric_api_values_get_readable_errors(values, message):
+    """What an API client can send for the sliders and the checkbox: a UserError naming the option, not float()'s."""
+    ui = {"method": "rollout", "layer": "last", "head": "mean", "head_grid": False, "alpha": 0.5, "colormap": "jet"}
+    ui |= {"head_fusion": "mean", "discard_ratio": 0.0, "start_layer": "last"} | values
+    with pytest.raises(UserError, match=message):
+        explainer.settings_from_ui(**ui)
+
+
+def test_numbers_and_flags_as_text_are_accepted():
+    settings = explainer.settings_from_ui("rollout", "last", "mean", "true", "0.25", "jet", "max", "0.5", "last")
+    assert (settings.alpha, settings.discard_ratio, settings.head_grid) == (0.25, 0.5, True)
+    assert explainer.settings_from_ui("rollout", "last", "mean", "false", 1, "jet", "max", 0, None).head_grid is False
+
+
+@pytest.mark.parametrize(
     ("backbone", "settings", "options"),
     [
         ("vit", Settings("attention"), {"head": "mean", "text_head": "mean", "layer": 1}),
@@ -478,3 +503,31 @@ def test_scene_examples_are_the_projects_held_out_scenes():
         stored = np.asarray(Image.open(explainer.SPACE_DIR / "examples" / entry["file"]))
         assert np.array_equal(stored, scene.image)
         assert entry["prompts"][:-1] == scene.captions and entry["prompts"][-1] not in scene.captions
+
+
+# ---- words without relevance ----
+
+
+def test_token_scores_scale_per_prompt_and_mark_all_zero_rows():
+    pieces = [["a ", "cat "], ["a ", "dog "]]
+    text_maps = np.array([[0.0, 0.2, 0.4, 0.9, 0.0], [0.0, 0.0, 0.0, 0.7, 0.0]])  # [start, a, cat/dog, end, pad]
+    scores = explainer.token_scores(pieces, text_maps)
+    assert np.allclose(scores[0], [0.5, 1.0]) and scores[1] is None  # the end marker's 0.7 does not count
+    entries = explainer.token_entries(pieces, scores)
+    assert entries == [("1. ", None), ("a ", 0.5), ("cat ", 1.0), ("   2. ", None), ("a ", None), ("dog ", None)]
+    note = explainer.silent_words_note("gradcam", ["a cat", "a dog"], scores)
+    assert note.startswith("**No word relevance for prompt 2 (“a dog”)**: Grad-CAM gave every word of it a score")
+    assert explainer.silent_words_note("gradcam", ["a cat"], scores[:1]) == ""
+
+
+def test_gradcam_on_a_photo_with_the_embedded_model_explains_its_uncoloured_words():
+    """The embedded model knows shapes, not photos: Grad-CAM's text maps for a cat photo come out zero everywhere.
+    The words are shown plain and the note says why, instead of an all-zero highlight that looks broken."""
+    folder = ROOT / "embedded" / "clipviz-tiny-vit"
+    loaded = explainer.load_model(ModelChoice("embedded: clipviz-tiny-vit", str(folder)))
+    image = imaging.decode_image(explainer.SPACE_DIR / "examples" / "chelsea.jpg")
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    result = explainer.explain(loaded, image, prompts, Settings("gradcam"))
+    assert all(score is None for _, score in result.token_relevance)
+    assert result.note.startswith("**No word relevance for prompts 1 (“a photo of a cat”), 2 (“a photo of a dog”)**")
+    assert "Grad-CAM" in result.note.split("\n\n", 1)[1]  # the method's own how-to-read text follows
