@@ -147,9 +147,7 @@ def push_space(
     local = {path.relative_to(folder).as_posix(): path for path in sorted(folder.rglob("*")) if path.is_file()}
     api = HfApi(endpoint=endpoint, token=token)
     with translate_hub_errors(f"publishing the Space {repo_id}", api.endpoint, repo_id):
-        repo_url = str(
-            api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
-        )
+        repo_url = str(api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True))
         head = api.list_repo_commits(repo_id, repo_type="space")[0].commit_id
         remote = {
             entry.path: entry

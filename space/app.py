@@ -30,8 +30,8 @@ DELETE_CACHE = (max(1, min(60, CACHE_SECONDS // 4)), CACHE_SECONDS)
 INTRO = """# Where does CLIP look?
 Upload, paste or capture a photo, type up to 8 prompts (one per line) and press **Explain**. Each prompt gets its own
 heat map over the photo; the bars show how CLIP splits its belief between *your* prompts.
-The default model is tiny and trained only on synthetic shapes (try the scene examples); pick a converted OpenAI
-model for real photos."""
+The default model is tiny and trained only on synthetic shapes (try the scene examples); for real photos pick a
+converted OpenAI model when the list offers one (photo examples appear with it)."""
 
 
 def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
@@ -95,9 +95,14 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                 )
                 heads = gr.Gallery(label="Every head", columns=4, height="auto", object_fit="contain", visible=False)
                 note = gr.Markdown(explainer.method_note("relevance", "vit"), elem_id="how-to-read")
-        rows = explainer.load_examples(EXAMPLES_DIR)
-        if rows:
-            gr.Examples(rows, [image, prompts, method], label="Examples", cache_examples=False)
+        scene_rows = explainer.load_examples(EXAMPLES_DIR, "scene")
+        if scene_rows:
+            gr.Examples(scene_rows, [image, prompts, method], label="Examples: shape scenes", cache_examples=False)
+        # photographs only with a model trained on photos: the embedded models would give every prompt the same score
+        with gr.Column(visible=cache.knows_photos(cache.default_label), elem_id="photo-examples") as photo_examples:
+            photo_rows = explainer.load_examples(EXAMPLES_DIR, "photo")
+            if photo_rows:
+                gr.Examples(photo_rows, [image, prompts, method], label="Examples: photographs", cache_examples=False)
 
         def explain(
             image, prompts, model, method, layer, head, head_grid, opacity, colormap, head_fusion, discard_ratio,
@@ -114,10 +119,11 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
             return overlays, result.probabilities, result.token_relevance, heads, result.note
 
         def show_model(label, method_name):
+            photos = gr.update(visible=cache.knows_photos(label))
             try:
                 offered = explainer.controls(cache.get(label))
             except UserError as error:  # e.g. a Hub model while offline: say so, keep the controls as they are
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {error}"
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {error}", photos
             valid = [m for _, m in offered.methods]
             return (
                 gr.update(choices=offered.methods, value=method_name if method_name in valid else "relevance"),
@@ -126,6 +132,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                 gr.update(choices=offered.layers, value="last"),
                 gr.update(visible=offered.has_layers and method_name == "relevance"),
                 offered.status,
+                photos,
             )
 
         def show_method(method_name, label):
@@ -141,7 +148,7 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
             )
 
         private = {"api_visibility": "private"}
-        model_outputs = [method, layer, head, start_layer, relevance_controls, status]
+        model_outputs = [method, layer, head, start_layer, relevance_controls, status, photo_examples]
         model.change(show_model, [model, method], model_outputs, **private)
         demo.load(show_model, [model, method], model_outputs, **private)
         method.change(

@@ -8,9 +8,13 @@ Models
     The default is the *embedded* model, found without any configuration or network: ``$CLIPVIZ_EMBEDDED_DIR/<name>``,
     else ``space/models/<name>`` (the copy a deployed Space carries), else ``<repo>/embedded/<name>`` (running from the
     repository). ``CLIPVIZ_MODEL`` (a Hub repo id or a local folder; ``CLIPVIZ_REVISION`` pins a commit) puts another
-    model first. The dropdown also lists the converted OpenAI repos (``CLIPVIZ_HUB_REPOS``, comma-separated, overrides
-    the list). Only listed models load: they run remote code (``trust_remote_code=True``), so the choice is never a
-    free-text repo id. Loaded models stay in a small cache (``CLIPVIZ_MODEL_CACHE``, default 2).
+    model first; model folders shipped in ``space/models/`` besides the embedded ones (``clipviz.publish_space
+    --model``) come next. The dropdown lists only what can load: Hub repos (the converted OpenAI ones, or
+    ``CLIPVIZ_HUB_REPOS``, comma-separated) appear when they are configured (``CLIPVIZ_HUB_REPOS``/``CLIPVIZ_HUB_ORG``)
+    or when the Hub answered at start-up (checked once, in 2 s at most; never with ``HF_HUB_OFFLINE=1``). Loading a
+    Hub repo while the Hub does not answer uses the local cache only, so it fails at once instead of after the
+    download retries. Only listed models load: they run remote code (``trust_remote_code=True``), so the choice is
+    never a free-text repo id. Loaded models stay in a small cache (``CLIPVIZ_MODEL_CACHE``, default 2).
 
 Prompts
     One per line, blank lines ignored, at most 8, no duplicates. A prompt longer than CLIP's context (77 tokens with
@@ -24,6 +28,7 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -127,6 +132,7 @@ class ModelChoice:
     label: str
     source: str | None  # a folder or Hub repo id; None: an embedded model that is not present
     revision: str | None = None
+    knows_photos: bool = True  # False for the embedded models: trained on synthetic shape scenes only
 
 
 def hub_repos(env: Mapping[str, str] = os.environ) -> list[str]:
@@ -147,17 +153,76 @@ def embedded_dir(name: str, env: Mapping[str, str] = os.environ) -> Path | None:
     return None
 
 
-def model_choices(env: Mapping[str, str] = os.environ) -> list[ModelChoice]:
-    """Dropdown entries, default first: ``CLIPVIZ_MODEL`` when set, then the embedded models, then the Hub repos."""
+def deployed_models(space_dir: Path | None = None) -> list[Path]:
+    """Model folders shipped in ``space/models/`` other than the embedded ones (a published Space's own models)."""
+    root = (space_dir or SPACE_DIR) / "models"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name not in EMBEDDED_NAMES and (p / "config.json").is_file())
+
+
+_TRUTHY = ("1", "true", "yes", "on")
+_reachability: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 2.0, ttl: float = 60.0) -> bool:
+    """Whether the Hub answers HTTP at all (any status), asked at most once per ``ttl`` seconds; never asked (False)
+    under ``HF_HUB_OFFLINE=1``."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = endpoint or constants.ENDPOINT
+    checked = _reachability.get(url)
+    if checked is not None and time.monotonic() - checked[0] < ttl:
+        return checked[1]
+    try:
+        httpx.head(url, timeout=timeout)
+        answer = True
+    except httpx.HTTPError:
+        answer = False
+    _reachability[url] = (time.monotonic(), answer)
+    return answer
+
+
+def hub_listed(env: Mapping[str, str] = os.environ, reachable: Callable[[], bool] = hub_reachable) -> bool:
+    """Whether the dropdown lists Hub repos: configured ones always, the default list only when the Hub answers."""
+    if env.get("CLIPVIZ_HUB_REPOS", "").strip() or env.get("CLIPVIZ_HUB_ORG", "").strip():
+        return True
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+        return False
+    return reachable()
+
+
+def model_choices(
+    env: Mapping[str, str] = os.environ, reachable: Callable[[], bool] = hub_reachable
+) -> list[ModelChoice]:
+    """Dropdown entries, default first: ``CLIPVIZ_MODEL`` when set, then the models shipped in ``space/models``,
+    then the embedded models that are present, then the Hub repos when listed (see :func:`hub_listed`).
+
+    Only models that can load are offered; when no local model is present at all, the embedded entries stay (their
+    error says how to provide them) so the page never starts with an empty dropdown."""
     choices = []
     custom = env.get("CLIPVIZ_MODEL", "").strip()
     if custom:
         choices.append(ModelChoice(custom, custom, env.get("CLIPVIZ_REVISION", "").strip() or None))
+    choices += [ModelChoice(folder.name, str(folder)) for folder in deployed_models()]
+    embedded = []
     for name in EMBEDDED_NAMES:
         folder = embedded_dir(name, env)
-        choices.append(ModelChoice(EMBEDDED_PREFIX + name, str(folder) if folder else None))
-    choices += [ModelChoice(repo, repo) for repo in hub_repos(env) if repo != custom]
+        embedded.append(ModelChoice(EMBEDDED_PREFIX + name, str(folder) if folder else None, knows_photos=False))
+    present = [choice for choice in embedded if choice.source is not None]
+    choices += present if present or choices else embedded
+    if hub_listed(env, reachable):
+        choices += [ModelChoice(repo, repo) for repo in hub_repos(env) if repo != custom]
     return choices
+
+
+def is_hub_id(source: str) -> bool:
+    """A Hub repo id ("name" or "org/name") rather than a folder on this machine."""
+    relative = not (os.path.isabs(source) or source.startswith((".", "~")))
+    return relative and source.count("/") <= 1 and not Path(source).exists()
 
 
 @dataclass
@@ -220,14 +285,29 @@ def load_model(choice: ModelChoice) -> LoadedModel:
         )
     from transformers import AutoModel, AutoTokenizer
 
+    kwargs = {"revision": choice.revision} if choice.revision else {}
+    offline = is_hub_id(choice.source) and not hub_reachable()
+    if offline:  # the local cache only: an answer now rather than after the download retries (about 24 s)
+        kwargs["local_files_only"] = True
     try:
-        kwargs = {"revision": choice.revision} if choice.revision else {}
         model = AutoModel.from_pretrained(choice.source, trust_remote_code=True, **kwargs).eval()
         # the repo's own tokenizer (clipviz ships one giving OpenAI's exact ids); trusted like its model code, and
         # said explicitly so transformers never stops to ask on stdin
         tokenizer = AutoTokenizer.from_pretrained(choice.source, trust_remote_code=True, **kwargs)
         preprocessing = _preprocessor_config(choice.source, kwargs)
     except Exception as error:  # network, missing files, bad config: the user needs the reason, not a traceback
+        if offline:
+            from huggingface_hub import constants
+
+            why = (
+                "HF_HUB_OFFLINE is set"
+                if constants.HF_HUB_OFFLINE
+                else f"the Hub ({constants.ENDPOINT}) does not answer"
+            )
+            raise ModelLoadError(
+                f"Could not load the model {choice.label!r}: {why} and the model is not in the local cache. Choose "
+                "a local model, or run with network access."
+            ) from error
         raise ModelLoadError(f"Could not load the model {choice.label!r}: {_first_line(error)}") from error
     if not hasattr(model, "explain") or not hasattr(sys.modules[type(model).__module__], "overlay"):
         raise ModelLoadError(
@@ -279,6 +359,11 @@ class ModelCache:
     @property
     def default_label(self) -> str:
         return next(iter(self.choices))
+
+    def knows_photos(self, label: str | None) -> bool:
+        """Whether the model behind ``label`` was trained on photographs (the embedded models were not)."""
+        choice = self.choices.get(label or self.default_label)
+        return choice is not None and choice.knows_photos
 
     def get(self, label: str | None) -> LoadedModel:
         label = label or self.default_label
@@ -510,6 +595,11 @@ def controls(loaded: LoadedModel) -> Controls:
     status = (
         f"**{loaded.choice.label}**: {tower}, {loaded.num_heads} heads, {vision.image_size}×{vision.image_size} input."
     )
+    if not loaded.choice.knows_photos:
+        status += (
+            " It was trained on synthetic shape scenes only: on a photograph its scores and maps mean little (try the "
+            "scene examples)."
+        )
     if loaded.num_text_heads < loaded.num_heads:
         status += (
             f" The text tower has {loaded.num_text_heads} heads: for image heads above that, the token row shows "
@@ -534,12 +624,21 @@ def method_note(method: str, backbone: str) -> str:
 # ---- examples ----
 
 
-def load_examples(folder: Path = SPACE_DIR / "examples") -> list[list[str]]:
-    """Example rows ``[image path, prompts (one per line), method]`` from ``examples.json`` (see make_examples.py)."""
+EXAMPLE_KINDS = ("scene", "photo")
+
+
+def example_kind(entry: Mapping) -> str:
+    """ "scene" for the project's synthetic shape scenes (they carry their generator ``seed``), else "photo"."""
+    return "scene" if "seed" in entry else "photo"
+
+
+def load_examples(folder: Path = SPACE_DIR / "examples", kind: str | None = None) -> list[list[str]]:
+    """Example rows ``[image path, prompts (one per line), method]`` from ``examples.json`` (see make_examples.py),
+    all of them or only one ``kind`` (photos are offered only with a model that knows photos)."""
     manifest = folder / "examples.json"
     if not manifest.is_file():
         return []
-    rows = json.loads(manifest.read_text())
+    rows = [row for row in json.loads(manifest.read_text()) if kind is None or example_kind(row) == kind]
     return [[str(folder / row["file"]), "\n".join(row["prompts"]), row["method"]] for row in rows]
 
 

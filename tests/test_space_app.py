@@ -112,10 +112,34 @@ def model_env() -> dict:
     return {"CLIPVIZ_EMBEDDED_DIR": str(folder)}
 
 
+CONFIGURED_HUB_REPOS = "clipviz/clip-vit-b-16,clipviz/clip-vit-b-32"
+
+
 @functools.cache
 def shared_server() -> SpaceServer:
-    """One server for this module and the browser test (started once per test process)."""
-    return SpaceServer(**model_env())
+    """One server for this module and the browser test (started once per test process): offline
+    (``HF_HUB_OFFLINE=1``) with two Hub repos configured, which are listed but cannot load."""
+    return SpaceServer(CLIPVIZ_HUB_REPOS=CONFIGURED_HUB_REPOS, **model_env())
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there once the probe socket is closed
+
+
+@pytest.fixture(scope="module")
+def unconfigured_server() -> SpaceServer:
+    """A newcomer's first run without network: no HF_HUB_OFFLINE, no configuration, the Hub simply unreachable; and
+    a short cache lifetime (6 s) for the cache test."""
+    server = SpaceServer(
+        HF_HUB_OFFLINE="0", HF_ENDPOINT=closed_port_url(), CLIPVIZ_CACHE_SECONDS="6", **model_env()
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def component_props(server: SpaceServer, elem_id: str) -> dict:
+    config = httpx.get(server.url + "config", timeout=10).json()
+    return next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +221,11 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
         (" ".join(["cat"] * 80), {}, "is 82 tokens long; CLIP reads at most 77 tokens"),
         ("a cat", {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"}, "Rollout needs a stack"),
         ("a cat", {"method": "attention", "head": "99"}, "head must be 'mean', 'max' or a number from 1 to"),
-        ("a cat", {"model": "clipviz/clip-vit-b-16"}, "Could not load the model 'clipviz/clip-vit-b-16'"),
+        (
+            "a cat",
+            {"model": "clipviz/clip-vit-b-16"},
+            "Could not load the model 'clipviz/clip-vit-b-16': HF_HUB_OFFLINE is set and the model is not in the local",
+        ),
         ("a cat", {"opacity": "abc"}, "The overlay opacity must be a number, not 'abc'"),
         ("a cat", {"opacity": 3}, "The overlay opacity must be between 0 and 1, not 3"),
         ("a cat", {"method": "rollout", "discard_ratio": "lots"}, "The discard ratio must be a number, not 'lots'"),
@@ -228,27 +256,42 @@ def cache_files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
 
 
-def test_uploads_and_results_leave_the_cache_after_their_lifetime(tmp_path):
-    """With ``CLIPVIZ_CACHE_SECONDS=2``, N requests (each a different upload, with the per-head grid for more
+def test_uploads_and_results_leave_the_cache_after_their_lifetime(unconfigured_server, tmp_path):
+    """With ``CLIPVIZ_CACHE_SECONDS=6``, N requests (each a different upload, with the per-head grid for more
     result files) fill Gradio's cache; a few seconds later it holds no more files than before the first request."""
-    short = SpaceServer(CLIPVIZ_CACHE_SECONDS="2", **model_env())
-    try:
-        cache = short.workdir / "gradio"
-        before = len(cache_files(cache))
-        client = Client(short.url, verbose=False)
-        for index in range(6):
-            image = tmp_path / f"scene_{index}.png"
-            with Image.open(SCENE) as scene:
-                scene.rotate(index * 15).save(image)  # different bytes: a new cache entry each time
-            explain(client, image, ["a photo of a blue circle", "a red square"], method="attention", head_grid=True)
-        during = len(cache_files(cache))
-        assert during >= before + 6 * 3  # at least the upload and two overlays per request
-        deadline = time.monotonic() + 30
-        while len(cache_files(cache)) > before and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(cache_files(cache)) <= before, cache_files(cache)
-    finally:
-        short.stop()
+    cache = unconfigured_server.workdir / "gradio"
+    before = len(cache_files(cache))
+    client = Client(unconfigured_server.url, verbose=False)
+    for index in range(6):
+        image = tmp_path / f"scene_{index}.png"
+        with Image.open(SCENE) as scene:
+            scene.rotate(index * 15).save(image)  # different bytes: a new cache entry each time
+        explain(client, image, ["a photo of a blue circle", "a red square"], method="attention", head_grid=True)
+    during = len(cache_files(cache))
+    assert during >= before + 6 * 3  # at least the upload and two overlays per request
+    deadline = time.monotonic() + 60
+    while len(cache_files(cache)) > before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(cache_files(cache)) <= before, cache_files(cache)
+
+
+# ---- a first visit without network ----
+
+
+def test_offline_the_dropdown_offers_only_models_that_load(server, unconfigured_server):
+    embedded = ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
+    choices = [value for _, value in component_props(unconfigured_server, "model")["choices"]]
+    assert choices == embedded  # the Hub did not answer: no Hub repo listed
+    configured = [value for _, value in component_props(server, "model")["choices"]]
+    assert configured == embedded + CONFIGURED_HUB_REPOS.split(",")  # configured: listed (they fail readably)
+
+
+def test_photo_examples_are_offered_only_with_a_model_that_knows_photos(unconfigured_server):
+    """The default embedded model knows shape scenes: the photo examples stay hidden, the scene examples show."""
+    assert component_props(unconfigured_server, "photo-examples")["visible"] is False
+    config = httpx.get(unconfigured_server.url + "config", timeout=10).json()
+    labels = [c["props"].get("label") for c in config["components"] if c["type"] in ("dataset", "examples")]
+    assert "Examples: shape scenes" in labels and "Examples: photographs" in labels
 
 
 def test_checked_slider_refuses_what_a_slider_cannot_hold():

@@ -83,23 +83,117 @@ def png_bytes(image: Image.Image) -> bytes:
 # ---- model choice ----
 
 
+def embedded_folders(root: Path, names=explainer.EMBEDDED_NAMES) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+    return root
+
+
+def online() -> bool:
+    return True
+
+
+def offline() -> bool:
+    return False
+
+
 def test_default_choices_put_the_embedded_models_first_then_the_hub_repos(tmp_path):
-    for name in explainer.EMBEDDED_NAMES:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-    choices = explainer.model_choices({"CLIPVIZ_EMBEDDED_DIR": str(tmp_path)})
+    choices = explainer.model_choices({"CLIPVIZ_EMBEDDED_DIR": str(embedded_folders(tmp_path))}, online)
     assert [c.label for c in choices[:2]] == ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
     assert choices[0].source == str(tmp_path / "clipviz-tiny-vit")
     assert [c.label for c in choices[2:]] == explainer.hub_repos({})
     assert "clipviz/clip-vit-b-16" in explainer.hub_repos({}) and len(explainer.hub_repos({})) == 9
+    assert [c.knows_photos for c in choices[:3]] == [False, False, True]
+
+
+def test_offline_the_dropdown_lists_only_models_that_can_load(tmp_path, monkeypatch):
+    """Without the Hub (unreachable, or HF_HUB_OFFLINE=1) the default Hub repos are not listed, and an embedded model
+    that is not present is left out; configured Hub repos are listed (they may be in the local cache)."""
+    monkeypatch.setattr(explainer, "SPACE_DIR", tmp_path / "space")  # not the repository's embedded/ folder
+    env = {"CLIPVIZ_EMBEDDED_DIR": str(embedded_folders(tmp_path, ["clipviz-tiny-vit"]))}
+    assert [c.label for c in explainer.model_choices(env, offline)] == ["embedded: clipviz-tiny-vit"]
+    never = lambda: pytest.fail("HF_HUB_OFFLINE=1: the Hub is not asked")  # noqa: E731
+    assert [c.label for c in explainer.model_choices({**env, "HF_HUB_OFFLINE": "1"}, never)] == [
+        "embedded: clipviz-tiny-vit"
+    ]
+    configured = explainer.model_choices({**env, "CLIPVIZ_HUB_REPOS": "me/my-clip"}, offline)
+    assert [c.label for c in configured] == ["embedded: clipviz-tiny-vit", "me/my-clip"]
+    assert [c.label for c in explainer.model_choices({**env, "CLIPVIZ_HUB_ORG": "me"}, offline)][1] == "me/clip-rn50"
+
+
+def test_with_no_local_model_at_all_the_embedded_entries_stay_to_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(explainer, "SPACE_DIR", tmp_path / "space")  # neither space/models nor ../embedded
+    labels = [c.label for c in explainer.model_choices({}, offline)]
+    assert labels == ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
+    assert [c.label for c in explainer.model_choices({"CLIPVIZ_MODEL": "org/x"}, offline)] == ["org/x"]
+
+
+def test_models_shipped_with_the_space_come_before_the_embedded_ones(tmp_path, monkeypatch):
+    space = tmp_path / "space"
+    embedded_folders(space / "models", ["clipviz-tiny-vit", "my-vit-b-16"])
+    (space / "models" / "not-a-model").mkdir()
+    monkeypatch.setattr(explainer, "SPACE_DIR", space)
+    choices = explainer.model_choices({}, offline)
+    assert [c.label for c in choices] == ["my-vit-b-16", "embedded: clipviz-tiny-vit"]
+    assert choices[0].source == str(space / "models" / "my-vit-b-16") and choices[0].knows_photos
+    cache = explainer.ModelCache(choices)
+    assert cache.knows_photos(None) and not cache.knows_photos("embedded: clipviz-tiny-vit")
+    assert not cache.knows_photos("someone/else")
+
+
+def test_hub_reachability_is_asked_once_and_never_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hub_server import HubServer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(explainer, "_reachability", {})
+    with HubServer() as hub:
+        assert explainer.hub_reachable(hub.url)
+        closed = hub.url
+        count = len(hub.log)
+    assert explainer.hub_reachable(closed)  # remembered: not asked again within the ttl
+    assert not explainer.hub_reachable(closed, ttl=0)  # asked again: the server is gone
+    assert count == 1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(explainer, "_reachability", {})
+    assert not explainer.hub_reachable(closed, ttl=0) and explainer._reachability == {}
+
+
+def test_a_hub_model_while_the_hub_does_not_answer_fails_at_once_from_the_local_cache(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, the Hub simply unreachable (a closed port): loading reads the local cache only, so the
+    error comes without the download retries, and says so."""
+    from huggingface_hub import constants
+
+    from tests.hub_server import HubServer
+
+    with HubServer() as hub:
+        closed = hub.url
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(explainer, "_reachability", {})
+    with pytest.raises(explainer.ModelLoadError) as caught:
+        explainer.load_model(ModelChoice("clipviz/clip-vit-b-16", "clipviz/clip-vit-b-16"))
+    assert str(caught.value) == (
+        f"Could not load the model 'clipviz/clip-vit-b-16': the Hub ({closed}) does not answer and the model is not "
+        "in the local cache. Choose a local model, or run with network access."
+    )
+
+
+def test_hub_ids_and_folders_are_told_apart(tmp_path):
+    assert explainer.is_hub_id("clipviz/clip-rn50") and explainer.is_hub_id("gpt2")
+    assert not explainer.is_hub_id(str(tmp_path / "nowhere")) and not explainer.is_hub_id("./models/x")
+    assert not explainer.is_hub_id("a/b/c") and not explainer.is_hub_id(str(tmp_path))
 
 
 def test_clipviz_model_and_revision_come_first(tmp_path):
     env = {"CLIPVIZ_MODEL": "org/my-clip", "CLIPVIZ_REVISION": "a" * 40, "CLIPVIZ_EMBEDDED_DIR": str(tmp_path)}
-    first = explainer.model_choices(env)[0]
+    first = explainer.model_choices(env, offline)[0]
     assert first == ModelChoice("org/my-clip", "org/my-clip", "a" * 40)
     env = {"CLIPVIZ_MODEL": "clipviz/clip-rn50", "CLIPVIZ_EMBEDDED_DIR": str(tmp_path)}
-    labels = [c.label for c in explainer.model_choices(env)]
+    labels = [c.label for c in explainer.model_choices(env, online)]
     assert labels[0] == "clipviz/clip-rn50" and labels.count("clipviz/clip-rn50") == 1
 
 
@@ -489,6 +583,13 @@ def test_examples_are_licensed_decodable_and_promptable():
         assert Path(path).name == entry["file"] and imaging.decode_image(path).mode == "RGB"
         assert 2 <= len(explainer.parse_prompts(prompts)) <= explainer.MAX_PROMPTS and method in explainer.METHODS
         assert Path(path).name in licences or ("scene_" in path and "scene_*.png" in licences)
+
+
+def test_examples_split_into_scenes_and_photos():
+    scenes, photos = explainer.load_examples(kind="scene"), explainer.load_examples(kind="photo")
+    assert len(scenes) == 3 and len(photos) >= 3 and len(scenes) + len(photos) == len(explainer.load_examples())
+    assert all(Path(row[0]).name.startswith("scene_") for row in scenes)
+    assert not any(Path(row[0]).name.startswith("scene_") for row in photos)
 
 
 def test_scene_examples_are_the_projects_held_out_scenes():
