@@ -4,7 +4,8 @@
 
 The Spaces repository holds exactly: the Space's code (``space/*.py`` except ``make_examples.py``, which needs the
 repository), ``README.md`` (the Space card) and ``requirements.txt``; the examples that ``examples/examples.json``
-names, with the manifest and ``examples/LICENSES.md``; and each model folder given with ``--model`` (default: the two
+names, with the manifest and ``examples/LICENSES.md``; the library module the Space imports (``clipviz/__init__.py``
+and ``clipviz/rendering.py``, the drawing code); and each model folder given with ``--model`` (default: the two
 embedded models) under ``models/<folder name>/``, where the Space looks for them. Nothing else from the repository.
 Files are copied by content, so a model folder whose code files are symlinks to the repository's ships real files.
 
@@ -34,6 +35,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPACE_DIR = REPO_ROOT / "space"
 DEFAULT_MODELS = (REPO_ROOT / "embedded" / "clipviz-tiny-vit", REPO_ROOT / "embedded" / "clipviz-tiny-resnet")
 REPOSITORY_ONLY = ("make_examples.py",)  # Space-folder scripts that need the repository: not deployed
+LIBRARY_FILES = ("clipviz/__init__.py", "clipviz/rendering.py")  # what the Space imports from the package
 KEPT_REMOTE_FILES = (".gitattributes",)  # written by the Hub when the repo is created; never deleted
 
 
@@ -108,7 +110,8 @@ def assemble(out_dir: Path, space_dir: Path = DEFAULT_SPACE_DIR, models: list[Pa
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise PublishError(f"{out_dir} exists and is not an empty folder; choose a new --output-dir.")
-    files = {**space_files(space_dir), **model_files(list(DEFAULT_MODELS if models is None else models))}
+    library = {name: REPO_ROOT / name for name in LIBRARY_FILES}
+    files = {**space_files(space_dir), **library, **model_files(list(DEFAULT_MODELS if models is None else models))}
     for repo_path, source in files.items():
         target = out_dir / repo_path
         target.parent.mkdir(parents=True, exist_ok=True)

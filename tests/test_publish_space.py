@@ -31,7 +31,8 @@ def expected_files(models: list[Path]) -> set[str]:
         for path in folder.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     }
-    return code | {"README.md", "requirements.txt"} | examples | weights
+    library = {"clipviz/__init__.py", "clipviz/rendering.py"}  # the drawing code the Space imports
+    return code | {"README.md", "requirements.txt"} | examples | library | weights
 
 
 def tree(api: HfApi, revision: str = "main") -> dict[str, str]:
@@ -63,6 +64,7 @@ def test_assembly_holds_the_space_the_examples_and_the_embedded_models_only(tmp_
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(files)
     for name in files:
         source = SPACE / name if not name.startswith("models/") else EMBEDDED / name.removeprefix("models/")
+        source = ROOT / name if name.startswith("clipviz/") else source
         assert (out / name).read_bytes() == source.read_bytes() and not (out / name).is_symlink()
 
 
@@ -114,7 +116,7 @@ def test_the_command_publishes_exactly_the_assembly_and_a_rerun_makes_no_commit(
     assert Path(weights).read_bytes() == (EMBEDDED / "clipviz-tiny-vit" / "model.safetensors").read_bytes()
     app = api.hf_hub_download(SPACE_ID, "app.py", repo_type="space", cache_dir=tmp_path / "dl")
     assert Path(app).read_bytes() == (SPACE / "app.py").read_bytes()
-    assert ("POST", "/api/repos/create") in hub.log
+    assert ("POST", "/api/repos/create") in hub.log and api.space_info(SPACE_ID).sdk == "gradio"
 
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
@@ -161,3 +163,28 @@ def test_output_dir_only_assembles(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path / "out")]) == 1  # not empty: never written over
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert os.path.isdir(publish_space.DEFAULT_SPACE_DIR)
+
+
+def test_the_assembled_space_runs_on_its_own(tmp_path):
+    """The assembly is a complete Space: launched from a folder with nothing of the repository around it (no
+    PYTHONPATH, no ../embedded), it lists its shipped models and explains a scene with them."""
+    from gradio_client import Client, handle_file
+
+    from tests.test_space_app import SpaceServer
+
+    out = tmp_path / "deployed"
+    assemble(out)
+    server = SpaceServer(app=out / "app.py", cwd=tmp_path, PYTHONPATH="", CLIPVIZ_EMBEDDED_DIR="")
+    try:
+        client = Client(server.url, verbose=False)
+        overlays, probabilities, *_ = client.predict(
+            image=handle_file(str(out / "examples" / "scene_1000000001.png")),
+            prompts="a photo of a purple square\na photo of a blue circle",
+            model="embedded: clipviz-tiny-resnet",
+            api_name="/explain",
+        )
+        assert len(overlays) == 2 and len(probabilities["confidences"]) == 2
+        log = server.log.read_text()
+    finally:
+        server.stop()
+    assert str(ROOT) not in log and "Traceback" not in log

@@ -42,7 +42,7 @@ def free_port() -> int:
 class SpaceServer:
     """``python space/app.py`` in a subprocess on a free port, stopped with the test process."""
 
-    def __init__(self, **env):
+    def __init__(self, app: Path = SPACE / "app.py", cwd: Path = ROOT, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.workdir = Path(tempfile.mkdtemp(prefix="clipviz-space-"))
@@ -59,7 +59,7 @@ class SpaceServer:
         }
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(SPACE / "app.py")], cwd=ROOT, env=environment, stdout=log, stderr=log
+                [sys.executable, str(app)], cwd=cwd, env=environment, stdout=log, stderr=log
             )
         atexit.register(self.stop)
         self._wait_until_up()
