@@ -209,7 +209,7 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
     readme = (SPACE / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'api_name="/explain"' in snippet
-    monkeypatch.chdir(SPACE)  # the snippet's image path is relative to the Space folder
+    monkeypatch.chdir(ROOT)  # where the README says to run things
     exec(snippet.replace("http://127.0.0.1:7860/", server.url), {"print": lambda *args, **kwargs: None})
 
 
