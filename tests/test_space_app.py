@@ -163,7 +163,18 @@ def test_explain_endpoint_is_the_only_public_api(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert list(endpoints) == ["/explain"]
     names = [p["parameter_name"] for p in endpoints["/explain"]["parameters"]]
-    assert names[:4] == ["image", "prompts", "model", "method"] and "start_layer" in names
+    page = ["image", "prompts", "model", "method", "head_grid", "opacity", "colormap", "style"]
+    from explaining_clipviz import EXPLAIN_METHODS  # every registry option is a parameter, in registry order
+
+    options = list(dict.fromkeys(o.name for m in EXPLAIN_METHODS.values() for o in m.options))
+    assert names == page + options and "start_layer" in names
+
+
+def test_without_a_method_the_models_default_runs(client):
+    _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"])
+    assert note.startswith("This model's default method") and "**Relevance (Chefer et al.)**" in note
+    _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"], method="rollout", style="fade")
+    assert note.startswith("**Attention rollout**")
 
 
 def test_overlays_probabilities_and_token_relevance(client):
@@ -219,8 +230,14 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
         ("", {}, "Type at least one prompt"),
         ("\n".join(f"p{i}" for i in range(9)), {}, "9 prompts given; the limit is 8"),
         (" ".join(["cat"] * 80), {}, "is 82 tokens long; CLIP reads at most 77 tokens"),
-        ("a cat", {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"}, "Rollout needs a stack"),
-        ("a cat", {"method": "attention", "head": "99"}, "head must be 'mean', 'max' or a number from 1 to"),
+        (
+            "a cat",
+            {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"},
+            "Attention rollout is not available for this model's ResNet image tower",
+        ),
+        ("a cat", {"method": "attention", "head": "99"}, "The head must be 'mean', 'max' or a number from 1 to"),
+        ("a cat", {"method": "attention", "layer": "0"}, "The layer must be 'last' or a number from 1 to"),
+        ("a cat", {"style": "soft"}, "soft"),
         (
             "a cat",
             {"model": "clipviz/clip-vit-b-16"},
@@ -436,7 +453,7 @@ def test_full_queue_answers_with_a_clear_message():
         statuses: list = []
 
         def join() -> None:
-            body = {"data": [image, prompts, None, "attention", "last", "mean", True], "fn_index": fn_index,
+            body = {"data": [image, prompts, None, "attention", True], "fn_index": fn_index,
                     "session_hash": uuid.uuid4().hex}  # fmt: skip
             response = httpx.post(small.url + "gradio_api/queue/join", json=body, timeout=30)
             statuses.append((response.status_code, response.text))
