@@ -568,7 +568,8 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     tokenizer = staging / "tokenizer.json"
     probe = verify.probe_inputs(config, source.image, tokenizer if tokenizer.is_file() else None)
     _status(f"Running the reference implementations on the source weights in {str(dtype).removeprefix('torch.')}")
-    references = verify.reference_outputs(openai_state_dict, config, probe, source.transformers_folder)
+    facts = verify.source_facts(source, options.text_heads, options.vision_heads, options.hidden_act)
+    references = verify.reference_outputs(openai_state_dict, config, probe, source.transformers_folder, facts)
     records = hub_repo.write_weights(staging, mapped, dtype, options.max_shard_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     source_bytes = source.nbytes

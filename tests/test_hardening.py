@@ -3,7 +3,9 @@ traceback, never a half-written or destroyed folder, and memory bounded by what 
 
 Every hostile file is built here, small, by ``tests/hostile_checkpoints.py``."""
 
+import json
 import math
+import os
 import re
 import struct
 import tracemalloc
@@ -13,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipviz import checkpoint_io
+from clipviz import checkpoint_io, hub_repo, verify
 from clipviz.checkpoint_io import CheckpointError, read_state_dict
+from clipviz.sources import SourceError, load_source
 from configuration_clipviz import CLIPVizConfig
 from tests import hostile_checkpoints as hostile
 from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
+from tests.convert_fixtures import make_archive_from_config, tiny_openai_config
 
 # ---- config values that can only produce NaN/inf are refused when the config is built ----
 
@@ -208,3 +212,148 @@ def test_ordinary_views_are_accepted(tmp_path):
     assert torch.equal(state_dict["t"], base.t()) and torch.equal(state_dict["column"], base[:, 1])
     transposed = hostile.weight_archive(tmp_path / "t.pt", hostile.Tensor("0", 6, (3, 2), (1, 3)))
     assert read_state_dict(transposed)["weight"].shape == (3, 2)
+
+
+# ---- --overwrite never destroys what the converter did not write ----
+
+
+def _previous_conversion(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "clipviz"}))
+    for name in ("model.safetensors", "README.md", "modeling_clipviz.py", "tokenizer.json"):
+        (folder / name).write_text("old")
+    return folder
+
+
+def test_overwrite_refuses_a_folder_holding_the_source(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "src.pt").write_bytes(b"weights")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(hub_repo.OutputFolderError, match="src.pt lies inside --output-dir"):
+        hub_repo.check_output_dir(out, overwrite=True, inputs=[out / "src.pt"])
+    with pytest.raises(hub_repo.OutputFolderError, match="does not hold a previous clipviz conversion"):
+        with hub_repo.staged_folder(out, overwrite=True):
+            pytest.fail("the conversion must not start")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src.pt"]
+
+
+def test_overwrite_refuses_a_conversion_with_foreign_files(tmp_path):
+    out = _previous_conversion(tmp_path / "out")
+    (out / "notes.txt").write_text("mine")
+    (out / "runs").mkdir()
+    with pytest.raises(
+        hub_repo.OutputFolderError, match=r"also 2 entries a conversion does not write \(notes.txt, runs"
+    ):
+        hub_repo.check_output_dir(out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_files_added_while_converting(tmp_path):
+    out = _previous_conversion(tmp_path / "out")
+    with pytest.raises(hub_repo.OutputFolderError, match="notes.txt"):
+        with hub_repo.staged_folder(out, overwrite=True) as staging:
+            (staging / "config.json").write_text(json.dumps({"model_type": "clipviz"}))
+            (out / "notes.txt").write_text("written meanwhile")
+    assert (out / "notes.txt").read_text() == "written meanwhile" and (out / "README.md").read_text() == "old"
+
+
+def test_overwrite_replaces_a_previous_conversion(tmp_path):
+    out = _previous_conversion(tmp_path / "out")
+    with hub_repo.staged_folder(out, overwrite=True) as staging:
+        (staging / "config.json").write_text(json.dumps({"model_type": "clipviz"}))
+    assert [p.name for p in out.iterdir()] == ["config.json"]
+
+
+# ---- output folders that cannot be created ----
+
+
+def test_output_parent_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(hub_repo.OutputFolderError, match="file is a file, not a folder"):
+        hub_repo.check_output_dir(tmp_path / "file" / "deeper" / "out", overwrite=False)
+
+
+def test_output_parent_not_writable(tmp_path, monkeypatch):
+    # tests may run as root, for whom chmod does not forbid anything: the check asks os.access, so ask it to say no
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(hub_repo.OutputFolderError, match="no permission to write in"):
+        hub_repo.check_output_dir(tmp_path / "out", overwrite=False)
+
+
+def test_output_folder_creation_failing_late_is_a_clear_error(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(hub_repo.OutputFolderError, match="cannot create --output-dir .*Permission denied"):
+        with hub_repo.staged_folder(tmp_path / "out", overwrite=False):
+            pass
+
+
+@pytest.mark.parametrize("text", ["100B", "999", "0.5KB", "0", "0.0005MB"])
+def test_shard_size_below_1kb_is_refused(text):
+    with pytest.raises(ValueError, match="at least 1KB"):
+        hub_repo.parse_size(text)
+
+
+def test_shard_size_of_1kb_and_more():
+    assert hub_repo.parse_size("1KB") == 1000 and hub_repo.parse_size("2GiB") == 2 << 30
+
+
+# ---- open_clip configs that cannot describe a model ----
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"model_cfg": {"vision_cfg": {"head_width": 0}}}, "`head_width` must be a positive integer, got 0"),
+        ({"model_cfg": {"vision_cfg": {"width": 100, "head_width": 64}}}, "width 100 is not a multiple"),
+        ({"model_cfg": {"text_cfg": {"heads": "8"}}}, "`heads` must be a positive integer"),
+        ({"model_cfg": [1, 2]}, "`model_cfg` must be a JSON object, got list"),
+        ({"model_cfg": {"vision_cfg": "ViT-B-32"}}, "`vision_cfg` must be a JSON object, got str"),
+        ([1], "holds a JSON list, not an object"),
+    ],
+    ids=["head-width-0", "indivisible", "heads-str", "model-cfg-list", "vision-cfg-str", "top-level-list"],
+)
+def test_bad_open_clip_config(tmp_path, config, message):
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(config))
+    torch.save({"logit_scale": torch.tensor(1.0)}, tmp_path / "open_clip_pytorch_model.bin")
+    with pytest.raises(SourceError, match=message):
+        load_source(str(tmp_path))
+
+
+# ---- head counts and activations a TorchScript archive records ----
+
+
+def test_archive_records_heads_and_activation(tmp_path):
+    config = tiny_openai_config("vit")
+    config.text_config.num_attention_heads = 2  # not OpenAI's width // 64 (= 1 at width 64)
+    archive = make_archive_from_config(tmp_path / "two-heads.pt", config)
+    source = load_source(str(archive))
+    assert (source.text_heads, source.vision_heads) == (2, 4)
+    assert source.hidden_act == {"text": "quick_gelu", "vision": "quick_gelu"}
+
+
+def test_flag_contradicting_the_archive_is_refused(tmp_path):
+    config = tiny_openai_config("resnet")
+    source = load_source(str(make_archive_from_config(tmp_path / "rn.pt", config)))
+    assert (source.text_heads, source.vision_heads, source.hidden_act) == (
+        4,
+        4,
+        {"text": "quick_gelu", "vision": "quick_gelu"},
+    )
+    with pytest.raises(ValueError, match="the flags say text heads = 8, but .* records 4"):
+        verify.source_facts(source, text_heads=8)
+    facts = verify.source_facts(source, text_heads=4)
+    assert (facts.text_heads, facts.vision_heads) == (4, 4)
+
+
+def test_reference_config_ignores_the_converted_configs_guesses():
+    config = tiny_config("vit")  # 4 heads per tower, QuickGELU
+    config.text_config.hidden_act = "gelu"
+    reference = verify.reference_config(config, verify.SourceFacts(text_heads=2))
+    assert reference.text_config.num_attention_heads == 2  # what the source says
+    assert reference.vision_config.num_attention_heads == 1  # OpenAI's rule, not the config's 4
+    assert reference.text_config.hidden_act == "quick_gelu"  # nothing recorded: OpenAI's activation
+    assert config.text_config.num_attention_heads == 4  # the converted config is left alone
