@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipviz import checkpoint_io, hub_repo, verify
+from clipviz import checkpoint_io, hub_repo, model_card, verify
 from clipviz.checkpoint_io import CheckpointError, read_state_dict
 from clipviz.sources import SourceError, load_source
 from configuration_clipviz import CLIPVizConfig
@@ -357,3 +357,43 @@ def test_reference_config_ignores_the_converted_configs_guesses():
     assert reference.vision_config.num_attention_heads == 1  # OpenAI's rule, not the config's 4
     assert reference.text_config.hidden_act == "quick_gelu"  # nothing recorded: OpenAI's activation
     assert config.text_config.num_attention_heads == 4  # the converted config is left alone
+
+
+# ---- the model card: counts, and whose weights these are ----
+
+
+def _card(openai_weights: bool, tensors: int = 1, maps: int = 1, files: int = 1) -> str:
+    report = verify.VerificationReport(tensors, maps, 0.0, [], "2 procedural scenes × 4 captions")
+    info = model_card.CardInfo(
+        title="t",
+        repo_id="org/t",
+        source_description="a state dict",
+        source_sha256=None,
+        license="other",
+        base_model=None,
+        architecture=[("Text tower", "x")],
+        dtype_name="float32",
+        weight_files=[f"model-{i}.safetensors" for i in range(files)],
+        weight_bytes=1,
+        report=report,
+        has_tokenizer=False,
+        image_size=32,
+        bos_eos=(998, 999),
+        openai_weights=openai_weights,
+    )
+    return model_card.render(info)
+
+
+def test_card_counts_have_the_right_number():
+    assert [model_card.count(n, "head") for n in (0, 1, 2, 1000)] == ["0 heads", "1 head", "2 heads", "1,000 heads"]
+    one = _card(False)
+    assert "the 1 saved tensor is bitwise identical" in one and "rows of the 1 attention map sum" in one
+    many = _card(False, tensors=3, maps=2, files=2)
+    assert "all 3 saved tensors are bitwise identical" in many and "rows of all 2 attention maps sum" in many
+    assert "2 shards" in many
+
+
+def test_card_says_openais_clip_only_for_openais_weights():
+    assert _card(True).split("\n# t\n")[1].lstrip().startswith("OpenAI's CLIP as a transformers model")
+    other = _card(False)
+    assert "OpenAI's CLIP as" not in other and "not OpenAI's weights" in other
