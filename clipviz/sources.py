@@ -73,6 +73,7 @@ class ImageSettings:
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
     resample: int = PIL_RESAMPLE["bicubic"]
+    recorded: bool = False  # read from the source's files (else OpenAI's preprocessing is assumed)
 
 
 @dataclass
@@ -349,6 +350,7 @@ def _transformers_image_settings(path: Path) -> ImageSettings:
         mean=tuple(settings.get("image_mean", OPENAI_MEAN)),
         std=tuple(settings.get("image_std", OPENAI_STD)),
         resample=int(settings.get("resample", PIL_RESAMPLE["bicubic"])),
+        recorded=True,
     )
 
 
@@ -383,6 +385,7 @@ def _from_open_clip_folder(path: Path) -> Source:
         mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
         std=tuple(preprocess.get("std", OPENAI_STD)),
         resample=PIL_RESAMPLE.get(preprocess.get("interpolation", "bicubic"), PIL_RESAMPLE["bicubic"]),
+        recorded=bool(preprocess),
     )
     return Source(
         state_dict=_read_files(weights[:1]),
