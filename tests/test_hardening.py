@@ -8,12 +8,16 @@ import math
 import os
 import re
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModel
 
 from clipviz import checkpoint_io, hub_repo, model_card, verify
 from clipviz.checkpoint_io import CheckpointError, read_state_dict
@@ -21,7 +25,10 @@ from clipviz.sources import SourceError, load_source
 from configuration_clipviz import CLIPVizConfig
 from tests import hostile_checkpoints as hostile
 from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
-from tests.convert_fixtures import make_archive_from_config, tiny_openai_config
+from tests.convert_fixtures import HEAD_FLAGS, make_archive_from_config, tiny_openai_config
+from tests.openai_reference import randomized_openai_clip
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # ---- config values that can only produce NaN/inf are refused when the config is built ----
 
@@ -397,3 +404,187 @@ def test_card_says_openais_clip_only_for_openais_weights():
     assert _card(True).split("\n# t\n")[1].lstrip().startswith("OpenAI's CLIP as a transformers model")
     other = _card(False)
     assert "OpenAI's CLIP as" not in other and "not OpenAI's weights" in other
+
+
+# ---- the command line: one `error:` line, exit 1, nothing written ----
+
+
+def _cli(args, capsys) -> tuple[int, str]:
+    from convert_weights import main
+
+    code = main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def _clean_failure(code: int, stderr: str, pattern: str, out: Path) -> None:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1 and re.search(pattern, errors[0]), stderr
+    assert "Traceback" not in stderr
+    if out.parent.is_dir():
+        assert not any(p.name.startswith(out.name) for p in out.parent.iterdir()), list(out.parent.iterdir())
+
+
+@pytest.fixture(scope="module")
+def tiny_state_dict() -> dict[str, torch.Tensor]:
+    model = randomized_openai_clip(tiny_openai_config("vit"))
+    return {key: value.contiguous() for key, value in model.state_dict().items()}
+
+
+def test_cli_module_tree_nested_thousands_deep(tmp_path, capsys):
+    archive = hostile.write_archive(tmp_path / "deep.pt", hostile.nested_pickle(5000), {})
+    code, stderr = _cli([archive, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(code, stderr, "nested more than 256 levels deep", tmp_path / "out")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_cli_integer_or_bool_tensors_where_floats_belong(tmp_path, capsys, tiny_state_dict, dtype):
+    tensors = {**tiny_state_dict, "ln_final.weight": torch.ones(64, dtype=dtype)}
+    save_file(tensors, tmp_path / "int.safetensors")
+    code, stderr = _cli([tmp_path / "int.safetensors", "--output-dir", tmp_path / "out", *HEAD_FLAGS], capsys)
+    name = str(dtype).removeprefix("torch.")
+    _clean_failure(code, stderr, f"`ln_final.weight` holds {name} values but .* needs floating-point", tmp_path / "out")
+
+
+def test_cli_output_parent_read_only(tmp_path, capsys, monkeypatch, tiny_state_dict):
+    save_file(tiny_state_dict, tmp_path / "ok.safetensors")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked and access(path, mode))
+    code, stderr = _cli([tmp_path / "ok.safetensors", "--output-dir", locked / "out", *HEAD_FLAGS], capsys)
+    _clean_failure(code, stderr, "no permission to write in .*locked", locked / "out")
+
+
+def test_cli_output_parent_is_a_file(tmp_path, capsys, tiny_state_dict):
+    save_file(tiny_state_dict, tmp_path / "ok.safetensors")
+    (tmp_path / "file").write_text("x")
+    code, stderr = _cli([tmp_path / "ok.safetensors", "--output-dir", tmp_path / "file" / "out", *HEAD_FLAGS], capsys)
+    _clean_failure(code, stderr, "file is a file, not a folder", tmp_path / "file" / "out")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_cli_open_clip_head_width_zero(tmp_path, capsys, tiny_state_dict):
+    folder = tmp_path / "open_clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": {"vision_cfg": {"head_width": 0}}}))
+    save_file(tiny_state_dict, folder / "open_clip_model.safetensors")
+    code, stderr = _cli([folder, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(code, stderr, "`head_width` must be a positive integer, got 0", tmp_path / "out")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": "ViT-B-32"}))
+    code, stderr = _cli([folder, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(code, stderr, "`model_cfg` must be a JSON object, got str", tmp_path / "out")
+
+
+def test_cli_shard_size_below_1kb(tmp_path, capsys):
+    """A bad flag value is an argument error: argparse's one `error:` line, exit status 2 (as for every flag)."""
+    with pytest.raises(SystemExit) as exit_info:
+        _cli(["x.pt", "--output-dir", tmp_path / "out", "--max-shard-size", "100B"], capsys)
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--max-shard-size 100B is 100 bytes; it must be at least 1KB" in stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_overwrite_keeps_the_source_and_foreign_files(tmp_path, capsys, tiny_state_dict):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_file(tiny_state_dict, out / "src.safetensors")
+    (out / "notes.txt").write_text("mine")
+    code, stderr = _cli([out / "src.safetensors", "--output-dir", out, "--overwrite", *HEAD_FLAGS], capsys)
+    assert code == 1 and "src.safetensors lies inside --output-dir" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src.safetensors"]
+    save_file(tiny_state_dict, tmp_path / "src.safetensors")
+    code, stderr = _cli([tmp_path / "src.safetensors", "--output-dir", out, "--overwrite", *HEAD_FLAGS], capsys)
+    assert code == 1 and "does not hold a previous clipviz conversion" in stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "src.safetensors"]
+
+
+def test_cli_stride_zero_view_and_bomb(tmp_path, capsys):
+    expanded = tmp_path / "expanded.pt"
+    torch.save({"token_embedding.weight": torch.randn(1, 64).expand(4_000_000, 64)}, expanded)
+    code, stderr = _cli([expanded, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(
+        code, stderr, r"'token_embedding.weight' of shape \(4000000, 64\) has strides \(0, 1\)", tmp_path / "out"
+    )
+    numel = 4 << 20
+    bomb = hostile.weight_archive(
+        tmp_path / "bomb.pt", hostile.Tensor("0", numel, (numel,), (1,)), compressed=("data/0",)
+    )
+    code, stderr = _cli([bomb, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(code, stderr, "compression ratio above the 100:1", tmp_path / "out")
+
+
+def test_cli_in_a_subprocess_prints_one_error_line(tmp_path):
+    archive = hostile.write_archive(tmp_path / "deep.pt", hostile.nested_pickle(5000), {})
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "convert_weights.py"), str(archive), "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    _clean_failure(result.returncode, result.stderr, "nested more than 256 levels deep", tmp_path / "out")
+
+
+# ---- heads the checkpoint records, and a verification that does not share the converter's assumptions ----
+
+
+@pytest.fixture(scope="module")
+def two_head_archive(tmp_path_factory):
+    """A text tower of 2 heads at width 64, where OpenAI's rule (width / 64) says 1."""
+    config = tiny_openai_config("vit")
+    config.text_config.num_attention_heads = 2
+    return make_archive_from_config(tmp_path_factory.mktemp("heads") / "two-heads.pt", config, archive=True)
+
+
+def test_recorded_heads_are_used_and_verified(two_head_archive, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stderr = _cli([two_head_archive.path, "--output-dir", out], capsys)  # no head flags needed
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["num_attention_heads"] == 2 and config["vision_config"]["num_attention_heads"] == 4
+    model = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    inputs = two_head_archive.inputs()
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    torch.testing.assert_close(logits, two_head_archive.expected_logits(inputs), rtol=1e-4, atol=1e-4)
+    card = (out / "README.md").read_text()
+    assert "2 heads" in card and "text tower 2 attention heads" not in card  # read, so not listed as assumed
+
+
+def test_converter_ignoring_recorded_heads_fails_verification(two_head_archive, tmp_path, capsys, monkeypatch):
+    """The bug the attack found: the converter used width / 64. The reference now builds from what the source
+    says, so the wrong model is caught instead of verified."""
+    from clipviz import convert
+
+    original = convert.config_from_openai_state_dict
+
+    def openai_rule(state_dict, **kwargs):
+        return original(state_dict, **{**kwargs, "text_heads": None})
+
+    monkeypatch.setattr(convert, "config_from_openai_state_dict", openai_rule)
+    code, stderr = _cli([two_head_archive.path, "--output-dir", tmp_path / "out"], capsys)
+    _clean_failure(code, stderr, "disagrees with OpenAI clip/model.py", tmp_path / "out")
+
+
+def test_flag_contradicting_recorded_heads_is_an_error(two_head_archive, tmp_path, capsys):
+    code, stderr = _cli([two_head_archive.path, "--output-dir", tmp_path / "out", "--text-heads", "4"], capsys)
+    _clean_failure(code, stderr, "the flags say text heads = 4, but .* records 2", tmp_path / "out")
+
+
+def test_plain_state_dict_assumptions_are_printed_and_in_the_card(tmp_path, capsys, tiny_state_dict):
+    save_file(tiny_state_dict, tmp_path / "plain.safetensors")
+    out = tmp_path / "out"
+    code, stderr = _cli([tmp_path / "plain.safetensors", "--output-dir", out, "--text-heads", "4"], capsys)
+    assert code == 0, stderr
+    card = (out / "README.md").read_text()
+    expected = [
+        "Assumed, as the checkpoint does not record them (OpenAI's values): image tower 1 attention head (width 64 "
+        "/ 64; --vision-heads N if not); LayerNorm epsilon 1e-05; image preprocessing (OpenAI's mean, std and bicubic "
+        "resizing); start/end-of-text ids 49406/49407 (the vocabulary's last two).",
+    ]
+    for text in expected:
+        assert text in card and text in stderr, (text, stderr)
+    assert "Activation assumed to be OpenAI's QuickGELU" in card
+    assert "text tower" not in card.split("Assumed, as")[1].split("\n")[0]  # --text-heads stated it
+    assert "OpenAI's CLIP as" not in card and "not OpenAI's weights" in card
