@@ -76,6 +76,8 @@ __all__ = [
     "read_torch_pickle_state_dict",
     "read_torchscript",
     "read_torchscript_state_dict",
+    "refuse_aliased_tensors",
+    "refuse_repeating_views",
     "validate_safetensors_header",
 ]
 
@@ -325,6 +327,27 @@ def refuse_repeating_views(state_dict: Mapping[str, torch.Tensor], path: str | o
                 f"{tensor.untyped_storage().nbytes():,} bytes of storage); refusing a view larger than its data. "
                 "Save each tensor with .contiguous() (or .clone()) if the repetition is intended."
             )
+
+
+def refuse_aliased_tensors(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse two entries whose bytes overlap in one storage. CLIP has no tied weights, so in a CLIP checkpoint
+    such entries can only serve to multiply the data when each is written out on its own."""
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() == 0:
+            continue
+        size = tensor.element_size()
+        start = tensor.storage_offset() * size
+        end = start + (sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True)) + 1) * size
+        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start, end, name))
+    for entries in spans.values():
+        entries.sort()
+        for (_, end, first), (start, _, second) in zip(entries, entries[1:], strict=False):
+            if start < end:
+                raise CheckpointError(
+                    f"{where}: tensors {first!r} and {second!r} overlap in one storage; CLIP has no tied "
+                    "weights, and writing each out would multiply the data. Save each tensor with .clone() if intended."
+                )
 
 
 def _repeats_elements(tensor: torch.Tensor) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from clipviz import hub_repo, model_card, push, sources, verify
+from clipviz.checkpoint_io import refuse_aliased_tensors
 from clipviz.convert_options import ConvertOptions
 from clipviz.memory import release_memory, return_freed_memory_promptly
 from clipviz.state_dict import (
@@ -139,6 +140,7 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     )
     transformers_names = is_transformers_layout(source.state_dict)
     openai_state_dict, changes = to_openai_layout(source.state_dict, options.source_format)
+    refuse_aliased_tensors(openai_state_dict, source.description)
     source.state_dict = {}  # from here on `openai_state_dict` holds the only references to the source tensors
     if changes and not transformers_names and source.origin == "state_dict":
         source.origin = "open_clip"  # training-wrapper prefixes or custom-text keys: an open_clip checkpoint

@@ -588,3 +588,17 @@ def test_plain_state_dict_assumptions_are_printed_and_in_the_card(tmp_path, caps
     assert "Activation assumed to be OpenAI's QuickGELU" in card
     assert "text tower" not in card.split("Assumed, as")[1].split("\n")[0]  # --text-heads stated it
     assert "OpenAI's CLIP as" not in card and "not OpenAI's weights" in card
+
+
+def test_cli_tensors_sharing_their_values(tmp_path, capsys, tiny_state_dict):
+    """Each tensor is no bigger than its storage, but two keys alias one storage: written out, the data doubles."""
+    tensors = dict(tiny_state_dict)
+    fc = tensors["transformer.resblocks.0.mlp.c_fc.weight"]
+    tensors["transformer.resblocks.1.mlp.c_fc.weight"] = fc  # the same tensor under a second name
+    torch.save(tensors, tmp_path / "tied.pt")
+    code, stderr = _cli([tmp_path / "tied.pt", "--output-dir", tmp_path / "out", *HEAD_FLAGS], capsys)
+    _clean_failure(code, stderr, "transformer.resblocks.0.mlp.c_fc.weight.* overlap in one storage", tmp_path / "out")
+    half = tensors["transformer.resblocks.0.mlp.c_proj.weight"]
+    checkpoint_io.refuse_aliased_tensors({"a": half[:64], "b": half[64:]}, "x")  # disjoint rows of one storage: fine
+    with pytest.raises(CheckpointError, match="overlap in one storage"):
+        checkpoint_io.refuse_aliased_tensors({"a": half[:, :100], "b": half[:, 100:]}, "x")  # interleaved columns
