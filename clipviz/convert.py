@@ -173,7 +173,7 @@ def config_for_source(
     LayerNorm epsilon) and the flags (`facts`, see `verify.source_facts`). What neither states is OpenAI's value:
     for a source that is not OpenAI's own checkpoint, each such assumption is printed and noted for the card."""
     facts = facts or verify.source_facts(source, options.text_heads, options.vision_heads, options.hidden_act)
-    activations = _activations(source, options, notes)
+    activations = _activations(source, options)
     config = config_from_openai_state_dict(
         state_dict, hidden_act=activations["text"], text_heads=facts.text_heads, vision_heads=facts.vision_heads
     )
@@ -206,6 +206,8 @@ def _assumptions(config: CLIPVizConfig, source, facts: verify.SourceFacts) -> li
             f"image tower {model_card.count(vision.num_attention_heads, 'attention head')} (width "
             f"{vision.hidden_size} / 64; --vision-heads N if not)"
         )
+    if not facts.hidden_act and source.origin != "openai":
+        assumed.append("MLP activation QuickGELU (--hidden-act gelu if not)")
     if facts.layer_norm_eps is None and source.origin != "open_clip":  # open_clip's LayerNorms are PyTorch's: 1e-5
         assumed.append(f"LayerNorm epsilon {text.layer_norm_eps:g}")
     if not source.image.recorded:
@@ -215,7 +217,7 @@ def _assumptions(config: CLIPVizConfig, source, facts: verify.SourceFacts) -> li
     return assumed
 
 
-def _activations(source, options: ConvertOptions, notes: list[str]) -> dict[str, str]:
+def _activations(source, options: ConvertOptions) -> dict[str, str]:
     """The MLP activation cannot be read from the weights: flags, then the source's config, then its origin."""
     if options.hidden_act:
         return {"text": options.hidden_act, "vision": options.hidden_act}
@@ -227,8 +229,6 @@ def _activations(source, options: ConvertOptions, notes: list[str]) -> dict[str,
             "open_clip models use GELU unless they were trained with QuickGELU (configs named *-quickgelu, and "
             "OpenAI's own weights). Pass --hidden-act gelu or --hidden-act quick_gelu."
         )
-    if source.origin != "openai":
-        notes.append("Activation assumed to be OpenAI's QuickGELU (the checkpoint does not record it).")
     return {"text": "quick_gelu", "vision": "quick_gelu"}
 
 
