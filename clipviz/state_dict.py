@@ -115,8 +115,8 @@ def config_from_openai_state_dict(
     """The architecture of an OpenAI CLIP state dict, inferred from tensor shapes as OpenAI's `build_model` does.
 
     `hidden_act` ("quick_gelu" as OpenAI, or "gelu" for some open_clip models) applies to both towers. Head
-    counts are not stored in checkpoints: OpenAI's rule (64-wide heads) applies unless `text_heads` /
-    `vision_heads` say otherwise. Other `overrides` are top-level config fields.
+    counts are not in a state dict's shapes: OpenAI's rule (64-wide heads) applies unless `text_heads` /
+    `vision_heads` say otherwise (the converter passes what a TorchScript archive or a config records). Other `overrides` are top-level config fields.
     """
     if "visual.proj" in state_dict:
         conv = _require(state_dict, "visual.conv1.weight")
