@@ -4,8 +4,9 @@
 
 The Spaces repository holds exactly: the Space's code (``space/*.py`` except ``make_examples.py``, which needs the
 repository), ``README.md`` (the Space card) and ``requirements.txt``; the examples that ``examples/examples.json``
-names, with the manifest and ``examples/LICENSES.md``; the library module the Space imports (``clipviz/__init__.py``
-and ``clipviz/rendering.py``, the drawing code); and each model folder given with ``--model`` (default: the two
+names, with the manifest and ``examples/LICENSES.md``; what the Space imports from the repository
+(``clipviz/__init__.py`` and ``clipviz/rendering.py``, the drawing code, and ``explaining_clipviz.py``, the method
+registry); and each model folder given with ``--model`` (default: the two
 embedded models) under ``models/<folder name>/``, where the Space looks for them. Nothing else from the repository.
 Files are copied by content, so a model folder whose code files are symlinks to the repository's ships real files.
 
@@ -35,7 +36,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SPACE_DIR = REPO_ROOT / "space"
 DEFAULT_MODELS = (REPO_ROOT / "embedded" / "clipviz-tiny-vit", REPO_ROOT / "embedded" / "clipviz-tiny-resnet")
 REPOSITORY_ONLY = ("make_examples.py",)  # Space-folder scripts that need the repository: not deployed
-LIBRARY_FILES = ("clipviz/__init__.py", "clipviz/rendering.py")  # what the Space imports from the package
+# what the Space imports from the repository: the drawing code, and the method registry (the page's layout when its
+# default model cannot load; a loaded model's own registry is used otherwise)
+LIBRARY_FILES = ("clipviz/__init__.py", "clipviz/rendering.py", "explaining_clipviz.py")
 KEPT_REMOTE_FILES = (".gitattributes",)  # written by the Hub when the repo is created; never deleted
 
 

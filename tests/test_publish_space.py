@@ -31,7 +31,7 @@ def expected_files(models: list[Path]) -> set[str]:
         for path in folder.rglob("*")
         if path.is_file() and "__pycache__" not in path.parts
     }
-    library = {"clipviz/__init__.py", "clipviz/rendering.py"}  # the drawing code the Space imports
+    library = {"clipviz/__init__.py", "clipviz/rendering.py", "explaining_clipviz.py"}  # what the Space imports
     return code | {"README.md", "requirements.txt"} | examples | library | weights
 
 
@@ -64,7 +64,7 @@ def test_assembly_holds_the_space_the_examples_and_the_embedded_models_only(tmp_
     assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(files)
     for name in files:
         source = SPACE / name if not name.startswith("models/") else EMBEDDED / name.removeprefix("models/")
-        source = ROOT / name if name.startswith("clipviz/") else source
+        source = ROOT / name if name.startswith("clipviz/") or name == "explaining_clipviz.py" else source
         assert (out / name).read_bytes() == source.read_bytes() and not (out / name).is_symlink()
 
 
