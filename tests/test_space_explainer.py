@@ -493,6 +493,69 @@ def test_field_views_follow_the_model_and_the_method(loaded):
     assert shown("vit", "default") == {} and shown("vit", "gradcam") == {}
 
 
+def test_a_method_added_to_the_registry_appears_with_its_controls_and_runs(loaded):
+    """Nothing in the Space names the methods: one registered in the model's registry (a toy "patch norm" with an
+    int and a choice option, ViT only) is offered, gets its controls, is explained by its own note and runs."""
+    import dataclasses
+
+    model = loaded["vit"]
+    registry = model.registry
+
+    def norm_maps(net, inputs, options):
+        registry.encode(net, inputs, image_attentions=False)
+        tokens = inputs.vision.last_hidden_state[:, 1:]  # [I, gh*gw, D]
+        image = tokens.norm(dim=-1) ** options["power"]  # [I, gh*gw]
+        image = image[None].expand(inputs.input_ids.shape[0], *image.shape).transpose(0, 1)  # [I, T, gh*gw]
+        text = torch.ones(image.shape[0], *inputs.input_ids.shape)  # [I, T, L]
+        return registry._to_grid(image, inputs), text
+
+    method = registry.ExplainMethod(
+        name="patchnorm", title="Patch norm", function=norm_maps, backbones=("vit",),
+        options=(
+            registry.ExplainOption("power", "int", 1, "exponent", minimum=1, maximum=3),
+            registry.ExplainOption("flavour", "choice", "plain", "a choice", ("plain", "fancy")),
+        ),
+        prompt_dependent=False, cost="forward only", needs_grad=False,
+        how_to_read="Bright patches have large token norms.", reference="A toy method for this test.",
+    )  # fmt: skip
+    registry.register(method)
+    try:
+        fields = explainer.option_fields(registry)
+        power = next(f for f in fields if f.key == "power")
+        assert dataclasses.astuple(power)[2:] == ("int", "Power", "exponent", (), 1, 3, 1, ("patchnorm",))
+        assert ("Patch norm", "patchnorm") in explainer.controls(model).methods
+        assert "Patch norm" not in dict(explainer.controls(loaded["resnet"]).methods)
+        views = dict(zip([f.key for f in fields], explainer.field_views(model, fields, "patchnorm"), strict=True))
+        assert {k for k, v in views.items() if v.visible} == {"power", "flavour"}
+        assert views["flavour"].choices == ("plain", "fancy") and views["power"].value == 1
+        cache = explainer.ModelCache([model.choice], loader=lambda choice: model)
+        settings = Settings("patchnorm", {"power": "2", "flavour": "fancy"})
+        result = explainer.run_request(cache, png_bytes(photo()), "a cat", None, settings)
+        assert result.note.startswith("**Patch norm**: Bright patches have large token norms.")
+        with pytest.raises(UserError, match=r"Patch norm: `power`=4 must be a whole number in \[1, 3\]"):
+            explainer.plan(model, Settings("patchnorm", {"power": 4}))
+        # each model folder runs its own copy of the code: the ResNet model's registry never heard of it
+        with pytest.raises(UserError, match="Unknown method 'patchnorm'; choose one of: default, attention, rel"):
+            explainer.plan(loaded["resnet"], Settings("patchnorm"))
+    finally:
+        del registry.EXPLAIN_METHODS["patchnorm"]
+
+
+def test_the_page_is_laid_out_from_the_default_models_registry_or_the_repositorys(loaded):
+    import explaining_clipviz
+
+    def failing(choice):
+        raise explainer.ModelLoadError("offline")
+
+    working = explainer.ModelCache([loaded["vit"].choice], loader=lambda choice: loaded["vit"])
+    assert explainer.page_registry(working) is loaded["vit"].registry
+    assert explainer.page_registry(explainer.ModelCache([ModelChoice("x", "x")], loader=failing)) is explaining_clipviz
+    assert [v for _, v in explainer.page_methods(explaining_clipviz)] == [
+        "default",
+        *explaining_clipviz.EXPLAIN_METHODS,
+    ]
+
+
 def test_every_method_has_its_registry_note(loaded):
     for backbone in ("vit", "resnet"):
         model = loaded[backbone]
