@@ -352,8 +352,8 @@ def test_overlay_keeps_the_image_size_and_blends_only_the_centre_crop():
 
 
 def test_overlay_fade_style_leaves_low_values_as_the_image():
-    """"fade" weights each pixel by alpha x value: where the map is 0 the image is unchanged, at the peak it is the
-    full style's blend."""
+    """The "fade" style weights each pixel by alpha x value: where the map is 0 the image is unchanged, at the peak
+    it is the full style's blend."""
     image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
     heat = torch.zeros(4, 4)
     heat[0, 0] = 1.0  # one hot corner; the rest of the map is 0
