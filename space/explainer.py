@@ -16,6 +16,12 @@ Models
     download retries. Only listed models load: they run remote code (``trust_remote_code=True``), so the choice is
     never a free-text repo id. Loaded models stay in a small cache (``CLIPVIZ_MODEL_CACHE``, default 2).
 
+Methods
+    Nothing here names a method: the page offers the loaded model's explanation registry (``EXPLAIN_METHODS`` of its
+    own ``explaining_clipviz`` code, ``methods_for`` its backbone), one control per registry option (layers and heads
+    counted from 1, ranges from ``option_bounds``), the method's ``how_to_read`` and ``reference`` as the note, and,
+    when the user chose none, the model's default (``config.explain_method``/``explain_options``).
+
 Prompts
     One per line, blank lines ignored, at most 8, no duplicates. A prompt longer than CLIP's context (77 tokens with
     the start and end markers) is an error rather than silently truncated: the map would explain a text the user did
