@@ -54,6 +54,7 @@ __all__ = [
     "read_torch_pickle_state_dict",
     "read_torchscript",
     "read_torchscript_state_dict",
+    "sha256_file",
     "validate_safetensors_header",
 ]
 
@@ -816,7 +817,7 @@ def download_openai_checkpoint(
     folder = Path(cache_dir) if cache_dir is not None else default_openai_cache_dir()
     target = folder / url.rstrip("/").split("/")[-1]
     if target.is_file():
-        if _sha256_file(target) == expected:
+        if sha256_file(target) == expected:
             return target
         warnings.warn(f"{target} exists but its SHA-256 does not match {expected}; downloading it again", stacklevel=2)
     elif target.exists():
@@ -834,7 +835,8 @@ def _refuse_if_offline(name: str, target: Path) -> None:
         raise DownloadError(f"OpenAI checkpoint {name!r} is not cached at {target} and HF_HUB_OFFLINE is set")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checks a cached download; a model card's record of its source)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -51,6 +51,17 @@ def test_the_package_never_imports_a_script():
     assert not {module: names for module, names in offending.items() if names}
 
 
+def test_the_remote_code_never_imports_the_package():
+    """The Hub remote code ships alone: it may import only torch, transformers and the standard library."""
+    offending = {
+        name: sorted(
+            module for module in imported_names(ROOT / f"{name}.py") if module.split(".")[0] in SCRIPTS | {"clipviz"}
+        )
+        for name in REMOTE_CODE
+    }
+    assert not {name: modules for name, modules in offending.items() if modules}
+
+
 def test_package_imports_have_no_cycle():
     modules = package_files()
     graph = {module: sorted(set(imported_names(path)) & set(modules) - {"clipviz"}) for module, path in modules.items()}
