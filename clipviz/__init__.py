@@ -1,6 +1,7 @@
-"""clipviz's tools around the Hub model code: the checkpoint converter, and the procedural scenes that train and test
-the embedded models. The model itself is the remote code at the repository root (``configuration_clipviz``,
-``modeling_clipviz``, ``tokenization_clipviz``), which this package builds on and never the other way round.
+"""clipviz's tools around the Hub model code: the checkpoint converter, drawing explanation maps, and the
+procedural scenes that train and test the embedded models. The model itself is the remote code at the repository
+root (``configuration_clipviz``, ``modeling_clipviz``, ``explaining_clipviz``, ``tokenization_clipviz``), which this
+package builds on and never the other way round.
 
 The converter, from the bottom up (``clipviz-convert`` is its command line, ``convert_weights.py``):
 
@@ -17,7 +18,9 @@ The converter, from the bottom up (``clipviz-convert`` is its command line, ``co
 * ``memory``: handing freed memory back to the OS, so a conversion holds one copy of the model.
 * ``convert``: the pipeline that runs all of the above.
 
-The embedded models: ``scenes`` (seeded procedural scenes with object masks) and ``train_embedded`` (their training).
+Explanations: ``rendering`` draws a map from ``model.explain`` over the image (Pillow, which the remote code must
+not need). The embedded models: ``scenes`` (seeded procedural scenes with object masks) and ``train_embedded``
+(their training).
 
 Kept import-free on purpose so that ``import clipviz`` is cheap; import the submodules you need.
 """

@@ -265,14 +265,14 @@ def _write_shard(path, names, tensors, layout, dtype, bar) -> dict[str, TensorRe
 
 
 def write_config_and_code(folder: Path, model, dtype: torch.dtype) -> None:
-    """`config.json` (with `auto_map`) and the two remote-code files, exactly as `model.save_pretrained` writes them
-    (minus the weights, which `write_weights` streams)."""
+    """`config.json` (with `auto_map`) and the remote-code files (modeling, configuration, explanations), exactly as
+    `model.save_pretrained` writes them (minus the weights, which `write_weights` streams)."""
     from transformers.dynamic_module_utils import custom_object_save
 
     config = model.config
     config.architectures = [type(model).__name__]
     config.dtype = dtype
-    custom_object_save(model, folder, config=config)  # modeling file + its relative import, auto_map["AutoModel"]
+    custom_object_save(model, folder, config=config)  # modeling file + its relative imports, auto_map["AutoModel"]
     config.save_pretrained(folder)  # configuration file, auto_map["AutoConfig"], config.json
 
 

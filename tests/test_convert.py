@@ -40,6 +40,7 @@ EXPECTED_FILES = {
     "README.md",
     "config.json",
     "configuration_clipviz.py",
+    "explaining_clipviz.py",
     "modeling_clipviz.py",
     "model.safetensors",
     "preprocessor_config.json",
