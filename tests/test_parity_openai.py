@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from clipviz import verify
-from clipviz.state_dict import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
+from clipviz.state_dict import (
+    CheckpointKeyError,
+    config_from_openai_state_dict,
+    from_openai_state_dict,
+    transformers_clip_config,
+)
 from configuration_clipviz import PRESETS, CLIPVizConfig
 from modeling_clipviz import CLIPVizMLP
 from tests.conftest import TINY_VOCAB, pixels, tiny_config, token_ids
@@ -232,3 +237,27 @@ def test_fp32_limits_pass_rounding_and_fail_a_wrong_mapping():
             assert "disagrees with OpenAI" in str(error), name
         else:
             pytest.fail(f"{name}: within the float32 limits")
+
+
+def test_transformers_clip_config_copies_the_architecture():
+    config = tiny_config("vit")
+    config.projection_dim, config.text_config.hidden_act = 16, "gelu"
+    hf, ours = transformers_clip_config(config).to_dict(), config.to_dict()
+    layer = {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "hidden_act",
+        "layer_norm_eps",
+    }
+    for tower, fields in (
+        ("text_config", {"vocab_size", "bos_token_id", "eos_token_id"}),
+        ("vision_config", {"patch_size"}),
+    ):
+        shared = set(hf[tower]) & set(ours[tower]) - {"model_type", "transformers_version", "_name_or_path"}
+        assert layer | fields <= shared
+        assert {key: (hf[tower][key], ours[tower][key]) for key in shared if hf[tower][key] != ours[tower][key]} == {}
+    assert hf["projection_dim"] == 16 and hf["text_config"]["hidden_act"] == "gelu"
+    with pytest.raises(ValueError, match="no ResNet image tower"):
+        transformers_clip_config(tiny_config("resnet"))
