@@ -253,6 +253,8 @@ class CLIPVizConfig(PretrainedConfig):
         vision_config (`dict` or `CLIPVizVisionConfig`, *optional*): settings of the image tower.
         projection_dim (`int`, defaults to 512): size of the joint embedding (`embed_dim` in OpenAI's code).
         logit_scale_init_value (`float`, defaults to log(1 / 0.07)): initial value of the learned log temperature.
+        initializer_factor (`float`, defaults to 1.0): scales the standard deviations (and xavier gain) of OpenAI's
+            random initialization, as in transformers' CLIP; loaded weights are unaffected.
         explain_method (`str`, defaults to `"relevance"`): the method `model.explain` uses when called without
             `method=` (a name in `explaining_clipviz.EXPLAIN_METHODS` available for the image tower).
         explain_options (`dict`, defaults to `{}`): that method's options (e.g. `{"start_layer": 0}`); options
