@@ -6,14 +6,17 @@
 * On probe inputs (procedural scenes and their captions) every output is finite and every attention row sums to 1.
 * Where an independent implementation of the source is importable, OpenAI's ``clip/model.py`` and transformers'
   ``CLIPModel``, its embeddings and logits are computed *from the source tensors* before they are released, and
-  compared with the reloaded model's. In float32 a mismatch is an error; in half precision it is reported.
+  compared with the reloaded model's. In float32 a difference above ``FP32_LIMITS`` is an error; in half precision
+  the figures are only reported.
+  The references take what tensor shapes cannot say (head counts, activation, LayerNorm epsilon) from
+  :class:`SourceFacts`, what the source and the user's flags state, and otherwise from OpenAI's own rules, never
+  from the converted config: an assumption the converter got wrong is not repeated by the reference.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import copy
 import math
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,12 +24,16 @@ from pathlib import Path
 import torch
 
 from clipviz.hub_repo import TensorRecord, tensor_digest
-from clipviz.sources import ImageSettings
+from clipviz.openai_clip import openai_clip_args, openai_model_module, set_vision_heads
+from clipviz.sources import ImageSettings, Source
 from clipviz.state_dict import IGNORED_OPENAI_KEYS, openai_to_transformers_state_dict, transformers_clip_config
 
 PROBE_IMAGES = 2
 PROBE_EXTRA_CAPTIONS = ("a photo of a cat", "a diagram with text")
-# float32 conversions must reproduce the reference to within float32 noise; beyond this a mapping is wrong.
+# Largest differences from a reference that a float32 conversion may show. They are far above float32 rounding, which
+# gives ~1e-7 on the unit-length embeddings and ~1e-6 on the logits (OpenAI's code on ViT-L/14, and on tiny models),
+# so that another BLAS or summation order never fails a correct conversion; one tensor mapped wrongly in a tiny random
+# model moved the embeddings by 0.04-0.5 and the logits by 0.25-6, beyond them.
 FP32_LIMITS = {"image_embeds": 1e-3, "text_embeds": 1e-3, "logits_per_image": 0.1}
 ATTENTION_ROW_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 OPENAI_REFERENCE = "OpenAI clip/model.py"
@@ -35,6 +42,61 @@ TRANSFORMERS_REFERENCE = "transformers CLIPModel"
 
 class VerificationError(RuntimeError):
     """The converted folder does not reload into exactly the converted model; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the source records, or the user states about it, beyond tensor shapes; None where nothing does.
+
+    `hidden_act` is {"text": ..., "vision": ...}. The references use OpenAI's rules for what is None: 64-wide heads
+    (what OpenAI's `build_model` computes), QuickGELU, LayerNorm epsilon 1e-5."""
+
+    text_heads: int | None = None
+    vision_heads: int | None = None
+    hidden_act: Mapping[str, str] | None = None
+    layer_norm_eps: float | None = None
+
+
+def source_facts(
+    source: Source, text_heads: int | None = None, vision_heads: int | None = None, hidden_act: str | None = None
+) -> SourceFacts:
+    """The facts of `source` (what its files record) completed by the user's flags about it; a flag that
+    contradicts what the files record is refused (ValueError naming both)."""
+    stated = {"text heads": (text_heads, source.text_heads), "image heads": (vision_heads, source.vision_heads)}
+    if hidden_act and source.hidden_act:
+        stated["activation"] = (hidden_act, "/".join(sorted(set(source.hidden_act.values()))))
+    for what, (flag, recorded) in stated.items():
+        if flag is not None and recorded is not None and flag != recorded:
+            raise ValueError(
+                f"the flags say {what} = {flag}, but {source.description} records {recorded}; drop the flag "
+                "(the checkpoint's own value is used) or check the source."
+            )
+    return SourceFacts(
+        text_heads=text_heads or source.text_heads,
+        vision_heads=vision_heads or source.vision_heads,
+        hidden_act={"text": hidden_act, "vision": hidden_act} if hidden_act else source.hidden_act,
+        layer_norm_eps=source.layer_norm_eps,
+    )
+
+
+OPENAI_HEAD_WIDTH = 64
+OPENAI_ACTIVATION = "quick_gelu"
+OPENAI_LAYER_NORM_EPS = 1e-5
+
+
+def reference_config(config, facts: SourceFacts):
+    """A copy of `config` whose head counts, activations and LayerNorm epsilon come from `facts` (or OpenAI's rules)
+    instead of from the converter: the sizes stay (the references load the source tensors strictly, so a wrong
+    size fails there), everything the tensors cannot tell is decided independently."""
+    reference = copy.deepcopy(config)
+    text, vision = reference.text_config, reference.vision_config
+    text.num_attention_heads = facts.text_heads or text.hidden_size // OPENAI_HEAD_WIDTH
+    vision.num_attention_heads = facts.vision_heads or vision.hidden_size // OPENAI_HEAD_WIDTH
+    activations = facts.hidden_act or {}
+    text.hidden_act = activations.get("text", OPENAI_ACTIVATION)
+    vision.hidden_act = activations.get("vision", OPENAI_ACTIVATION)
+    text.layer_norm_eps = vision.layer_norm_eps = facts.layer_norm_eps or OPENAI_LAYER_NORM_EPS
+    return reference
 
 
 @dataclass
@@ -111,15 +173,22 @@ def _token_ids(texts: list[str], text_config, tokenizer_file: Path | None) -> to
 
 
 def reference_outputs(
-    openai_state_dict: Mapping[str, torch.Tensor], config, probe: ProbeInputs, transformers_folder: Path | None
+    openai_state_dict: Mapping[str, torch.Tensor],
+    config,
+    probe: ProbeInputs,
+    transformers_folder: Path | None,
+    facts: SourceFacts,
 ) -> dict[str, Outputs | str]:
     """Outputs of each independent implementation on the probe, or the reason it was skipped.
+
+    `config` gives the sizes only; heads, activations and epsilon come from `facts` (see `reference_config`).
 
     The references run on the very tensors that are about to be written (the source, cast to the output dtype),
     in that dtype: no second copy of the model is made. For a float32 conversion that is the source model in
     float32 exactly (float16/bfloat16 -> float32 is lossless); for half precision the references run in half
     precision too, so the figures compare implementations at that precision.
     """
+    config = reference_config(config, facts)
     results: dict[str, Outputs | str] = {}
     try:
         results[OPENAI_REFERENCE] = _openai_reference(openai_state_dict, config, probe)
@@ -132,36 +201,10 @@ def reference_outputs(
     return results
 
 
-def openai_model_module():
-    """OpenAI's `clip/model.py` (PyPI `openai-clip`), loaded by file path: the package's `__init__` imports
-    torchvision, which the model code itself does not need."""
-    if "clipviz_openai_clip_model" in sys.modules:
-        return sys.modules["clipviz_openai_clip_model"]
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("OpenAI's clip package is not installed (`pip install --no-deps openai-clip`)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "model.py"
-    module_spec = importlib.util.spec_from_file_location("clipviz_openai_clip_model", path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_spec.name] = module
-    module_spec.loader.exec_module(module)
-    return module
-
-
-def _openai_clip_args(config) -> tuple:
-    text, vision = config.text_config, config.vision_config
-    if vision.backbone == "vit":
-        vision_args = (vision.image_size, vision.num_hidden_layers, vision.hidden_size, vision.patch_size)
-    else:
-        vision_args = (vision.image_size, tuple(vision.resnet_layers), vision.resnet_width, None)
-    text_args = (text.max_position_embeddings, text.vocab_size, text.hidden_size, text.num_attention_heads)
-    return (config.projection_dim, *vision_args, *text_args, text.num_hidden_layers)
-
-
 def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
     module = openai_model_module()
     with torch.device("meta"):
-        model = module.CLIP(*_openai_clip_args(config))
+        model = module.CLIP(*openai_clip_args(config))
     own = {key: value for key, value in weights.items() if key not in IGNORED_OPENAI_KEYS}
     model.load_state_dict(own, strict=True, assign=True)
     _adapt_openai_model(model, config, module)
@@ -178,17 +221,14 @@ def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
 
 
 def _adapt_openai_model(model, config, module) -> None:
-    """What OpenAI's constructor cannot be told: head counts other than width // 64, GELU instead of QuickGELU;
-    and the causal mask, which is a plain attribute and was built on the meta device."""
+    """What OpenAI's constructor cannot be told: image head counts other than width // 64, GELU instead of
+    QuickGELU, another LayerNorm epsilon; and the causal mask, which is a plain attribute and was built on the meta
+    device."""
     mask = torch.full((config.text_config.max_position_embeddings,) * 2, float("-inf")).triu_(1)
     for block in model.transformer.resblocks:
         block.attn_mask = mask
-    visual, heads = model.visual, config.vision_config.num_attention_heads
-    if hasattr(visual, "attnpool"):
-        visual.attnpool.num_heads = heads
-    else:
-        for block in visual.transformer.resblocks:
-            block.attn.num_heads, block.attn.head_dim = heads, block.attn.embed_dim // heads
+    set_vision_heads(model, config.vision_config.num_attention_heads)
+    visual = model.visual
     towers = [(model.transformer, config.text_config.hidden_act)]
     if not hasattr(visual, "attnpool"):
         towers.append((visual.transformer, config.vision_config.hidden_act))
@@ -196,6 +236,9 @@ def _adapt_openai_model(model, config, module) -> None:
         if activation == "gelu":
             for block in transformer.resblocks:
                 block.mlp.gelu = torch.nn.GELU()
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.LayerNorm):
+            layer.eps = config.text_config.layer_norm_eps
 
 
 def _transformers_reference(weights, config, probe: ProbeInputs, folder: Path | None) -> Outputs | str:
@@ -371,14 +414,16 @@ def parity_table(rows: list[ParityRow], markdown: bool) -> str:
 
 
 __all__ = [
+    "SourceFacts",
     "Outputs",
     "ParityRow",
     "ProbeInputs",
     "VerificationError",
     "VerificationReport",
-    "openai_model_module",
     "parity_table",
     "probe_inputs",
+    "reference_config",
+    "source_facts",
     "reference_outputs",
     "verify_folder",
 ]
