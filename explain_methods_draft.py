@@ -7,14 +7,12 @@ text_maps [I, T, L], logits [I, T])`.
 import math
 
 import torch
-import torch.nn.functional as F
 
 from modeling_clipviz import (
     _batched_grads,
     _class_token_through_block,
     _merge_heads,
     _one_hot_cotangents,
-    _split_heads,
     _text_valid_mask,
     multi_head_attention,
 )
@@ -176,9 +174,10 @@ def _self_self_context(query, key, value, inverse_temperature, iterations: int) 
     for x in (query, key, value):
         for _ in range(iterations):
             x = _unit(x)
-            x = torch.softmax(x @ x.transpose(-2, -1) * inverse_temperature, dim=-1, dtype=torch.float32).to(
-                x.dtype
-            ) @ x  # [B, heads, N, head_dim]
+            x = (
+                torch.softmax(x @ x.transpose(-2, -1) * inverse_temperature, dim=-1, dtype=torch.float32).to(x.dtype)
+                @ x
+            )  # [B, heads, N, head_dim]
         x = _unit(x)
         weights = torch.softmax(x @ x.transpose(-2, -1) * inverse_temperature, dim=-1, dtype=torch.float32)
         paths.append(weights.to(value.dtype) @ value)  # [B, heads, N, head_dim]
