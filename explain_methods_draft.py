@@ -1,23 +1,24 @@
-"""LeGrad, GEM, MaskCLIP and ClearCLIP for clipviz (draft: moves into explaining_clipviz.py once it exists).
-
-Each method: `(model, pixel_values, input_ids, attention_mask, options) -> (image_maps [I, T, gh, gw],
-text_maps [I, T, L], logits [I, T])`.
-"""
-
-import math
+"""LeGrad, GEM, MaskCLIP and ClearCLIP (draft: the functions and registry entries move into explaining_clipviz.py,
+whose helpers they use, once that module is on main)."""
 
 import torch
+import torch.nn.functional as F
 
-from modeling_clipviz import (
+from explaining_clipviz import (
+    ExplainInputs,
+    ExplainMethod,
+    ExplainOption,
     _batched_grads,
-    _class_token_through_block,
-    _merge_heads,
+    _eot_rows,
+    _fuse_heads,
     _one_hot_cotangents,
-    _text_valid_mask,
-    multi_head_attention,
+    _to_grid,
+    encode,
+    modeling_module,
+    register,
 )
 
-# ---- shared pieces ----
+# ---- Shared pieces of the dense and gradient-free methods ----
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -31,266 +32,313 @@ def _min_max(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return (maps - low) / torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
-def _vit_input_of(vision, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """The tokens entering ViT block `layer` `[I, N, D]`, from the plain (fast, graph-free) tower."""
-    x = vision.ln_pre(vision.embed(pixel_values))
-    for block in vision.encoder.layers[:layer]:
-        x = block(x)[0]
-    return x
-
-
-def _qkv(block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A block's query, key and value for every token, one fused projection: 3 x `[B, heads, N, head_dim]`."""
+def _qkv(block, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A block's query, key and value for every token of its LayerNorm'ed input `[B, N, D]`, from its one fused
+    projection: 3 x `[B, heads, N, head_dim]`."""
     attention = block.self_attn
-    batch, length, width = hidden.shape
-    qkv = attention.qkv_proj(block.ln_1(hidden)).view(batch, length, 3, attention.num_heads, -1)
+    batch, length, _ = normed.shape
+    qkv = attention.qkv_proj(normed).view(batch, length, 3, attention.num_heads, -1)  # [B, N, 3, heads, hd]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, head_dim]
 
 
-def _class_token_output(block, hidden, query, key, value) -> torch.Tensor:
-    """The ordinary block's output at the class token `[I, D]` from its q, k, v (the image embedding's path)."""
-    weights = multi_head_attention(query[:, :, :1], key, value, need_weights=True, use_sdpa=False)[1]
-    return _class_token_through_block(block, hidden, weights, value)
+def _dense_maps(features: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
+    """Cosine of each grid cell's projected feature `[I, gh*gw, P]` with each prompt, min-max scaled per map:
+    `[I, T, gh, gw]`."""
+    similarity = _unit(features.float()) @ inputs.text_unit.float().t()  # [I, gh*gw, T]
+    return _to_grid(_min_max(similarity.transpose(1, 2), dims=(-1,)), inputs)
 
 
-def _image_unit(model, class_token: torch.Tensor) -> torch.Tensor:
+def _projected_patches(model, tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens `[I, 1 + gh*gw, D]` -> the patches' features in the joint space `[I, gh*gw, P]`."""
     vision = model.vision_model
-    return _unit(vision.project(vision.ln_post(class_token)))
+    return vision.project(vision.ln_post(tokens[:, 1:]))
 
 
-def _dense_similarity(model, tokens: torch.Tensor, text_unit: torch.Tensor) -> torch.Tensor:
-    """Cosine of each patch's projected feature with each prompt: tokens `[I, N, D]` (class token first) ->
-    `[I, T, N - 1]`, min-max scaled per map."""
-    vision = model.vision_model
-    patches = _unit(vision.project(vision.ln_post(tokens[:, 1:])).float())  # [I, N - 1, P]
-    similarity = patches @ text_unit.float().t()  # [I, N - 1, T]
-    return _min_max(similarity.transpose(1, 2), dims=(-1,))  # [I, T, N - 1]
+def _eot_text_maps(inputs: ExplainInputs) -> torch.Tensor:
+    """The gradient-free methods' text map: the end-of-text token's last-layer attention over its prompt, mean
+    over heads: `[T, L]`."""
+    return _eot_rows(_fuse_heads(inputs.text.attentions[-1], "mean"), inputs.input_ids)
 
 
-def _text_tower(model, input_ids, attention_mask):
-    """The text tower's block inputs and unit embeddings `[T, P]` (plain pass)."""
-    text = model.text_model(input_ids, attention_mask, output_hidden_states=True)
-    features = text.pooler_output @ model.text_projection.to(text.pooler_output.dtype)
-    return text, _unit(features)
-
-
-def _eot_attention_map(model, text, input_ids, attention_mask) -> torch.Tensor:
-    """The end-of-text token's last-layer attention over its prompt, mean over heads: `[T, L]`. Only that row is
-    computed, from the last block's input (the tower ran on the fast path without attentions)."""
-    block = model.text_model.encoder.layers[-1]
-    hidden = text.hidden_states[-2]  # [T, L, D]: the last block's input
-    query, key, value = _qkv(block, hidden)
-    eot = input_ids.argmax(dim=-1)  # [T]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    eot_query = query[rows, :, eot][:, :, None]  # [T, heads, 1, head_dim]
-    allowed = torch.arange(input_ids.shape[1], device=input_ids.device)[None] <= eot[:, None]  # [T, L] causal
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()
-    mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-    mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)[:, None, None]  # [T, 1, 1, L]
-    weights = multi_head_attention(eot_query, key, value, mask, need_weights=True, use_sdpa=False)[1]
-    return weights[:, :, 0].float().mean(dim=1)  # [T, L]
-
-
-def _gradient_free_text_maps(model, text, input_ids, attention_mask, num_images: int) -> torch.Tensor:
-    return _eot_attention_map(model, text, input_ids, attention_mask)[None].expand(num_images, -1, -1)
-
-
-def _to_grid(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    return maps.reshape(*maps.shape[:2], *grid)  # [I, T, gh, gw]
-
-
-def _vit_grid(model, pixel_values) -> tuple[int, int]:
-    patch = model.config.vision_config.patch_size
-    return pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
+def _encode_plain(model, inputs: ExplainInputs) -> ExplainInputs:
+    """One graph-free pass of each tower: the image tower on the fast attention path with its hidden states (the
+    rewired paths start from them), the text tower with its attentions (for `_eot_text_maps`)."""
+    return encode(model, inputs, image_attentions=False, image_hidden_states=True)
 
 
 # ---- MaskCLIP ----
 
 
-def explain_maskclip(model, pixel_values, input_ids, attention_mask, options):
-    """MaskCLIP (Zhou et al. 2022): dense features from the value path of the last attention layer."""
-    with torch.no_grad():
-        text, text_unit = _text_tower(model, input_ids, attention_mask)
-        text_maps = _gradient_free_text_maps(model, text, input_ids, attention_mask, pixel_values.shape[0])
-        if model.config.vision_config.backbone == "resnet":
-            return (*_maskclip_resnet(model, pixel_values, text_unit), text_maps)
-        vision = model.vision_model
-        block = vision.encoder.layers[-1]
-        hidden = _vit_input_of(vision, pixel_values, len(vision.encoder.layers) - 1)  # [I, N, D]
-        query, key, value = _qkv(block, hidden)
-        image_unit = _image_unit(model, _class_token_output(block, hidden, query, key, value))
-        # each token attends to itself alone: the value, through the output projection, the residual and the MLP
-        dense = hidden + block.self_attn.out_proj(_merge_heads(value))  # [I, N, D]
-        dense = dense + block.mlp(block.ln_2(dense))
-        image_maps = _to_grid(_dense_similarity(model, dense, text_unit), _vit_grid(model, pixel_values))
-        return image_maps, text_maps, _logits(model, image_unit, text_unit)
-
-
-def _maskclip_resnet(model, pixel_values, text_unit):
-    """The attention pool's value and output projections as 1x1 convolutions on every cell of the last stage."""
+def maskclip_maps(model, inputs: ExplainInputs, options: dict):
+    """MaskCLIP: the last attention layer's value path applied to every token / grid cell, compared with the
+    prompt. ViT: as the authors' code, each token attends to itself alone (the value and output projections),
+    then the block's residual and MLP, `ln_post` and the projection. ResNet: the attention pool's value and output
+    projections as 1x1 convolutions on the last feature map (no positional embedding, as the authors')."""
+    _encode_plain(model, inputs)
     vision = model.vision_model
-    out = vision(pixel_values)
-    features = out.last_hidden_state  # [I, C, h, w]
-    grid = tuple(features.shape[-2:])
-    cells = features.flatten(2).transpose(1, 2)  # [I, h*w, C]
-    pool = vision.attnpool
-    dense = _unit(pool.out_proj(pool.v_proj(cells)).float())  # [I, h*w, P]
-    similarity = (dense @ text_unit.float().t()).transpose(1, 2)  # [I, T, h*w]
-    image_maps = _to_grid(_min_max(similarity, dims=(-1,)), grid)
-    return image_maps, _logits(model, _unit(vision.project(out.pooler_output)), text_unit)
+    if model.config.vision_config.backbone == "resnet":
+        pool = vision.attnpool
+        cells = inputs.vision.last_hidden_state.flatten(2).transpose(1, 2)  # [I, h*w, C]
+        features = pool.out_proj(pool.v_proj(cells))  # [I, h*w, P]
+    else:
+        block = vision.encoder.layers[-1]
+        hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
+        qkv, width = block.self_attn.qkv_proj, hidden.shape[-1]
+        value = F.linear(block.ln_1(hidden), qkv.weight[2 * width :], qkv.bias[2 * width :])  # [I, N, D]
+        tokens = hidden + block.self_attn.out_proj(value)  # [I, N, D]
+        tokens = tokens + block.mlp(block.ln_2(tokens))
+        features = _projected_patches(model, tokens)
+    return _dense_maps(features, inputs), _per_pair_text(inputs)
 
 
-def _logits(model, image_unit, text_unit) -> torch.Tensor:
-    return model.logit_scale.exp().float() * image_unit.float() @ text_unit.float().t()  # [I, T]
+def _per_pair_text(inputs: ExplainInputs) -> torch.Tensor:
+    text = _eot_text_maps(inputs)  # [T, L]
+    return text[None].expand(inputs.pixel_values.shape[0], -1, -1)  # [I, T, L]
 
 
 # ---- ClearCLIP ----
 
 
-def explain_clearclip(model, pixel_values, input_ids, attention_mask, options):
-    """ClearCLIP (Lan et al. 2024): the last block with query-query attention, no residual, no MLP."""
-    with torch.no_grad():
-        text, text_unit = _text_tower(model, input_ids, attention_mask)
-        text_maps = _gradient_free_text_maps(model, text, input_ids, attention_mask, pixel_values.shape[0])
-        vision = model.vision_model
-        block = vision.encoder.layers[-1]
-        hidden = _vit_input_of(vision, pixel_values, len(vision.encoder.layers) - 1)  # [I, N, D]
-        query, key, value = _qkv(block, hidden)
-        image_unit = _image_unit(model, _class_token_output(block, hidden, query, key, value))
-        context = multi_head_attention(query, query, value, use_sdpa=False)[0]  # [I, heads, N, head_dim]
-        dense = block.self_attn.out_proj(_merge_heads(context))  # [I, N, D]
-        image_maps = _to_grid(_dense_similarity(model, dense, text_unit), _vit_grid(model, pixel_values))
-        return image_maps, text_maps, _logits(model, image_unit, text_unit)
+def clearclip_maps(model, inputs: ExplainInputs, options: dict):
+    """ClearCLIP: the last block with query-query attention, without the residual and without the MLP."""
+    _encode_plain(model, inputs)
+    modeling, block = modeling_module(), model.vision_model.encoder.layers[-1]
+    hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
+    query, _, value = _qkv(block, block.ln_1(hidden))  # [I, heads, N, head_dim] each
+    use_sdpa = modeling._uses_sdpa(model.config.vision_config, hidden)
+    context = modeling.multi_head_attention(query, query, value, use_sdpa=use_sdpa)[0]  # [I, heads, N, head_dim]
+    tokens = block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
+    return _dense_maps(_projected_patches(model, tokens), inputs), _per_pair_text(inputs)
 
 
 # ---- GEM ----
 
 
-def _self_self_context(query, key, value, inverse_temperature, iterations: int) -> torch.Tensor:
-    """GEM's self-self attention: q, k and v each attend to themselves (cosine scores x inverse temperature),
-    `iterations` times, then each path's attention is applied to v and the three are averaged."""
-    paths = []
+def _self_attention_weights(x_unit: torch.Tensor, inverse_temperature) -> torch.Tensor:
+    """Softmax of the cosine similarities of unit vectors `[B, heads, N, head_dim]` with each other, times
+    `inverse_temperature`: `[B, heads, N, N]` in their dtype (softmax in fp32)."""
+    scores = x_unit @ x_unit.transpose(-2, -1) * inverse_temperature  # [B, heads, N, N]
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(x_unit.dtype)
+
+
+def _self_self_attention(query, key, value, inverse_temperature, iterations: int) -> torch.Tensor:
+    """GEM's self-self attention: q, k and v each attend to themselves (`iterations` rounds, each replacing the
+    path by its attended self), then each path's own attention is applied to v and the three are averaged:
+    `[B, heads, N, head_dim]`."""
+    context = 0
     for x in (query, key, value):
         for _ in range(iterations):
-            x = _unit(x)
-            x = (
-                torch.softmax(x @ x.transpose(-2, -1) * inverse_temperature, dim=-1, dtype=torch.float32).to(x.dtype)
-                @ x
-            )  # [B, heads, N, head_dim]
-        x = _unit(x)
-        weights = torch.softmax(x @ x.transpose(-2, -1) * inverse_temperature, dim=-1, dtype=torch.float32)
-        paths.append(weights.to(value.dtype) @ value)  # [B, heads, N, head_dim]
-    return (paths[0] + paths[1] + paths[2]) / 3
+            x_unit = _unit(x)
+            x = _self_attention_weights(x_unit, inverse_temperature) @ x_unit  # [B, heads, N, head_dim]
+        context = context + _self_attention_weights(_unit(x), inverse_temperature) @ value
+    return context / 3
 
 
-def explain_gem(model, pixel_values, input_ids, attention_mask, options):
-    """Grounding Everything (Bousselham et al. 2024): a parallel self-self attention path in the last
-    `depth - 1` blocks, fed by the ordinary path's tokens, without the MLP."""
-    with torch.no_grad():
-        text, text_unit = _text_tower(model, input_ids, attention_mask)
-        text_maps = _gradient_free_text_maps(model, text, input_ids, attention_mask, pixel_values.shape[0])
-        vision = model.vision_model
-        blocks = vision.encoder.layers
-        first = len(blocks) - min(options["depth"] - 1, len(blocks))
-        hidden = _vit_input_of(vision, pixel_values, first)  # [I, N, D]
-        gem = hidden
-        for index in range(first, len(blocks)):
-            block = blocks[index]
-            query, key, value = _qkv(block, hidden)
-            if options["ss_attn_temp"] is None:  # mean token norm of the attention input x the head scale
-                normed = block.ln_1(hidden).float()
-                scale = 1.0 / math.sqrt(query.shape[-1])
-                inverse_temperature = (normed.norm(dim=-1).mean(dim=-1) * scale)[:, None, None, None]  # [I, 1, 1, 1]
-                inverse_temperature = inverse_temperature.to(query.dtype)
-            else:
-                inverse_temperature = options["ss_attn_temp"]
-            context = _self_self_context(query, key, value, inverse_temperature, options["ss_attn_iter"])
-            gem = gem + block.self_attn.out_proj(_merge_heads(context))  # [I, N, D]
-            if index == len(blocks) - 1:
-                image_unit = _image_unit(model, _class_token_output(block, hidden, query, key, value))
-            else:
-                ordinary = multi_head_attention(query, key, value)[0]  # [I, heads, N, head_dim]
-                hidden = hidden + block.self_attn.out_proj(_merge_heads(ordinary))
-                hidden = hidden + block.mlp(block.ln_2(hidden))
-        image_maps = _to_grid(_dense_similarity(model, gem, text_unit), _vit_grid(model, pixel_values))
-        return image_maps, text_maps, _logits(model, image_unit, text_unit)
+def gem_maps(model, inputs: ExplainInputs, options: dict):
+    """GEM: a parallel path through the last `depth - 1` blocks that adds self-self attention (fed by the
+    ordinary path's tokens) and skips the MLP; its projected patches are compared with the prompt."""
+    _encode_plain(model, inputs)
+    modeling, blocks = modeling_module(), model.vision_model.encoder.layers
+    first = len(blocks) - min(options["depth"] - 1, len(blocks))
+    hidden_states = inputs.vision.hidden_states  # [I, N, D] each: hidden_states[l] enters block l
+    tokens = hidden_states[first]
+    for index in range(first, len(blocks)):
+        block = blocks[index]
+        normed = block.ln_1(hidden_states[index])  # [I, N, D]
+        query, key, value = _qkv(block, normed)
+        temperature = options["ss_attn_temp"]
+        if temperature is None:  # the authors' default: mean token norm of the attention input x the head scale
+            norms = normed.float().norm(dim=-1).mean(dim=-1)  # [I]
+            temperature = (norms * query.shape[-1] ** -0.5).to(query.dtype)[:, None, None, None]  # [I, 1, 1, 1]
+        context = _self_self_attention(query, key, value, temperature, options["ss_attn_iter"])
+        tokens = tokens + block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
+    return _dense_maps(_projected_patches(model, tokens), inputs), _per_pair_text(inputs)
 
 
 # ---- LeGrad ----
 
 
 def _legrad_block(block, hidden: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block recomputed from its (detached) input with its attention weights as a leaf that requires grad.
-    Returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`)."""
-    query, key, value = _qkv(block, hidden)
+    """A block recomputed from its detached input `[B, N, D]` with its attention weights as a leaf that requires
+    grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). Only the paths from the
+    weights to the output (values times weights, output projection, MLP) enter the graph."""
+    modeling = modeling_module()
     with torch.no_grad():
-        weights = multi_head_attention(query, key, value, attn_mask, need_weights=True, use_sdpa=False)[1]
-    weights = weights.detach().requires_grad_(True)  # [B, heads, N, N]
-    context = weights @ value.detach()  # [B, heads, N, head_dim]
-    x = hidden + block.self_attn.out_proj(_merge_heads(context))
+        query, key, value = _qkv(block, block.ln_1(hidden))
+        weights = modeling.multi_head_attention(query, key, value, attn_mask, need_weights=True, use_sdpa=False)[1]
+    weights = weights.requires_grad_(True)  # [B, heads, N, N]
+    x = hidden + block.self_attn.out_proj(modeling._merge_heads(weights @ value))  # [B, N, D]
     return x + block.mlp(block.ln_2(x)), weights
 
 
-def explain_legrad(model, pixel_values, input_ids, attention_mask, options):
-    """LeGrad (Bousselham et al. 2024): for each layer from `start_layer` on, the gradient of the similarity of
-    that layer's mean token (through `ln_post` and the projection) with the prompt w.r.t. that layer's attention;
-    ReLU, mean over heads and query rows, summed over layers."""
-    vision, text_model = model.vision_model, model.text_model
-    blocks, text_blocks = vision.encoder.layers, text_model.encoder.layers
-    with torch.no_grad():
-        hidden = _vit_input_of(vision, pixel_values, options["start_layer"])
-        text_hidden, text_mask = _text_input_of(text_model, input_ids, attention_mask, options["start_layer_text"])
-    with torch.enable_grad():
-        image_scores, weights = [], []
-        for block in blocks[options["start_layer"] :]:
-            out, layer_weights = _legrad_block(block, hidden.detach())
-            weights.append(layer_weights)
-            image_scores.append(_unit(vision.project(vision.ln_post(out.mean(dim=1)))))  # [I, P]
-            hidden = out
-        image_unit = _image_unit(model, hidden[:, 0]).detach()
-        text_scores, text_weights = [], []
-        for block in text_blocks[options["start_layer_text"] :]:
-            out, layer_weights = _legrad_block(block, text_hidden.detach(), text_mask)
-            text_weights.append(layer_weights)
-            text_scores.append(_text_unit_at_eot(model, out, input_ids))  # [T, P]
-            text_hidden = out
-        text_unit = text_scores[-1].detach()
-        image_target = sum(score @ text_unit.t() for score in image_scores)  # [I, T]
-        per_text = _one_hot_cotangents(*image_target.shape, "text", image_target)
-        image_grads = _batched_grads(image_target, weights, per_text)  # each [T, I, heads, N, N]
-        text_target = sum(image_unit @ score.t() for score in text_scores)  # [I, T]
-        per_image = _one_hot_cotangents(*text_target.shape, "image", text_target)
-        text_grads = _batched_grads(text_target, text_weights, per_image)  # each [I, T, heads, L, L]
-    image = sum(grad.float().clamp(min=0).mean(dim=(2, 3)) for grad in image_grads)[..., 1:]  # [T, I, N - 1]
-    image_maps = _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), _vit_grid(model, pixel_values))
-    text_maps = sum(_text_rows_mean(grad.float().clamp(min=0), input_ids, attention_mask) for grad in text_grads)
-    return image_maps, text_maps, _logits(model, image_unit, text_unit)
-
-
-def _text_input_of(text_model, input_ids, attention_mask, layer: int):
-    length = input_ids.shape[1]
-    x = text_model.token_embedding(input_ids) + text_model.position_embedding[:length].to(
-        text_model.token_embedding.weight.dtype
+def legrad_maps(model, inputs: ExplainInputs, options: dict):
+    """LeGrad: for each layer l from `start_layer` on, s_l = the cosine of that block's output (mean over all
+    tokens, through `ln_post` and the projection) with the prompt; the map sums, over l, the mean over heads and
+    query rows of ReLU(ds_l/dA_l), without the class token's column. The text side mirrors it: s_l from the
+    end-of-text token of text block l (through `ln_final` and the text projection) against the image."""
+    encode(
+        model, inputs, image_attentions=False, image_hidden_states=True, text_attentions=False, text_hidden_states=True
     )
-    mask = text_model.attention_mask(input_ids, attention_mask, x.dtype)
-    for block in text_model.encoder.layers[:layer]:
-        x = block(x, mask)[0]
-    return x, mask
+    vision, text_model = model.vision_model, model.text_model
+    start, text_start = options["start_layer"], options["start_layer_text"]
+    scores, weights = 0, []
+    for index, block in enumerate(vision.encoder.layers[start:], start):
+        out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index])
+        scores = scores + _unit(vision.project(vision.ln_post(out.mean(dim=1)))) @ inputs.text_unit.t()  # [I, T]
+        weights.append(layer_weights)
+    grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "text", scores))  # [T, I, h, N, N]
+    image = sum(grad.float().clamp(min=0).mean(dim=(2, 3)) for grad in grads)[..., 1:]  # [T, I, gh*gw]
+    image_maps = _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), inputs)  # [I, T, gh, gw]
 
-
-def _text_unit_at_eot(model, hidden, input_ids) -> torch.Tensor:
+    hidden_states, input_ids = inputs.text.hidden_states, inputs.input_ids
+    mask = text_model.attention_mask(input_ids, inputs.attention_mask, hidden_states[0].dtype)
+    eot = input_ids.argmax(dim=-1)  # [T]
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    pooled = model.text_model.ln_final(hidden[rows, input_ids.argmax(dim=-1)])  # [T, D]
-    return _unit(pooled @ model.text_projection.to(pooled.dtype))
+    text_scores, text_weights = 0, []
+    for index, block in enumerate(text_model.encoder.layers[text_start:], text_start):
+        out, layer_weights = _legrad_block(block, hidden_states[index], mask)
+        pooled = text_model.ln_final(out[rows, eot])  # [T, D]
+        features = pooled @ model.text_projection.to(pooled.dtype)  # [T, P]
+        text_scores = text_scores + inputs.image_unit @ _unit(features).t()  # [I, T]
+        text_weights.append(layer_weights)
+    cotangents = _one_hot_cotangents(*text_scores.shape, "image", text_scores)
+    text_grads = _batched_grads(text_scores, text_weights, cotangents)  # each [I, T, heads, L, L]
+    text_maps = sum(_text_query_mean(grad.float().clamp(min=0), inputs) for grad in text_grads)  # [I, T, L]
+    return image_maps, text_maps
 
 
-def _text_rows_mean(grads: torch.Tensor, input_ids, attention_mask) -> torch.Tensor:
-    """LeGrad's mean over heads and query rows on the text side, `[I, T, heads, L, L]` -> `[I, T, L]`: only the
-    entries the causal, padded attention has (query and key both real tokens, key not after the query)."""
-    valid = _text_valid_mask(input_ids, attention_mask)  # [T, L]
-    length = input_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # [L, L]
+def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
+    """LeGrad's mean over heads and query rows on the causal text side, `[I, T, heads, L, L]` -> `[I, T, L]`: over
+    the entries the attention has (query and key both prompt tokens, the key not after the query)."""
+    valid = inputs.text_valid  # [T, L]
+    length = valid.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()  # [L, L]
     allowed = (valid[:, :, None] & valid[:, None, :] & causal).to(grads.dtype)  # [T, L, L]
     summed = (grads.mean(dim=2) * allowed).sum(dim=-2)  # [I, T, L]
     return summed / valid.sum(dim=-1, keepdim=True).to(grads.dtype)
+
+
+# ---- Registry entries ----
+
+register(
+    ExplainMethod(
+        name="legrad",
+        title="LeGrad",
+        function=legrad_maps,
+        backbones=("vit",),
+        options=(
+            ExplainOption(
+                "start_layer",
+                "image_layer",
+                -2,
+                "first image layer whose attention gradient is summed (-2: the last two, as the authors' wrapper)",
+            ),
+            ExplainOption("start_layer_text", "text_layer", -2, "first text layer whose attention gradient is summed"),
+        ),
+        prompt_dependent=True,
+        cost="one backward",
+        needs_grad=True,
+        how_to_read=(
+            "LeGrad asks every late layer on its own how well the image, as that layer sees it (its tokens "
+            "averaged and projected into the joint space), matches the prompt, and marks the patches whose "
+            "attention would raise that match: the positive gradient of each layer's score with respect to its "
+            "attention, averaged over heads and over the tokens that attend, summed over layers. Bright: patches "
+            "that pull the image towards the prompt. The map is scaled from its lowest to its highest value, as the "
+            "authors show it. The token colours are the same construction on the text tower (each late text "
+            "layer's end-of-text token against the image)."
+        ),
+        reference=(
+            "Bousselham, Boggust, Chaybouti, Strobelt & Kuehne 2024, LeGrad: An Explainability Method for Vision "
+            "Transformers via Feature Formation Sensitivity (arXiv 2404.03214); code: legrad-torch."
+        ),
+    )
+)
+
+register(
+    ExplainMethod(
+        name="gem",
+        title="GEM (Grounding Everything)",
+        function=gem_maps,
+        backbones=("vit",),
+        options=(
+            ExplainOption(
+                "depth",
+                "int",
+                7,
+                "the self-self attention path runs through the last depth - 1 blocks (all of them if fewer)",
+                minimum=2,
+            ),
+            ExplainOption(
+                "ss_attn_iter", "int", 1, "rounds of self-self attention before it is applied to the values", minimum=1
+            ),
+            ExplainOption(
+                "ss_attn_temp",
+                "float",
+                None,
+                "inverse temperature of the self-self attention; None: mean token norm x head_dim^-0.5 (authors')",
+                minimum=0.0,
+            ),
+        ),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "GEM adds a second path through the last blocks where every token attends to tokens similar to itself "
+            "(queries to queries, keys to keys, values to values) instead of to what the class token needs; the "
+            "patch features it yields stay local, so comparing each patch with the prompt gives a dense map. "
+            "Bright: patches whose feature is closest to the prompt, scaled from the lowest to the highest "
+            "similarity in the image (so some region is always bright: compare prompts, and read the logits). No "
+            "gradients. The token colours are the end-of-text token's last-layer attention over the prompt."
+        ),
+        reference=(
+            "Bousselham, Petersen, Ferrari & Kuehne 2024, Grounding Everything: Emerging Localization Properties "
+            "in Vision-Language Transformers (CVPR); code: gem-torch."
+        ),
+    )
+)
+
+register(
+    ExplainMethod(
+        name="maskclip",
+        title="MaskCLIP",
+        function=maskclip_maps,
+        backbones=("vit", "resnet"),
+        options=(),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "MaskCLIP reads a feature for every patch (ViT) or grid cell (ResNet) from the value path of the last "
+            "attention layer, which CLIP trained to carry what the image shows, and compares it with the prompt. "
+            "Bright: cells whose feature is closest to the prompt, scaled from the lowest to the highest similarity "
+            "in the image (some region is always bright: compare prompts). No gradients; for a ResNet this is the "
+            "dense, prompt-specific map of its last feature map. The token colours are the end-of-text token's "
+            "last-layer attention over the prompt."
+        ),
+        reference="Zhou, Loy & Dai 2022, Extract Free Dense Labels from CLIP (ECCV).",
+    )
+)
+
+register(
+    ExplainMethod(
+        name="clearclip",
+        title="ClearCLIP",
+        function=clearclip_maps,
+        backbones=("vit",),
+        options=(),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "ClearCLIP rewires the last block: each patch attends to patches with similar queries, and the "
+            "residual connection and the MLP, which add noise to the patch features, are left out; each patch's "
+            "resulting feature is compared with the prompt. Bright: patches closest to the prompt, scaled from the "
+            "lowest to the highest similarity in the image (some region is always bright: compare prompts). No "
+            "gradients. The token colours are the end-of-text token's last-layer attention over the prompt."
+        ),
+        reference=(
+            "Lan, Zhang, Yue, Li & Li 2024, ClearCLIP: Decomposing CLIP Representations for Dense "
+            "Vision-Language Inference (ECCV)."
+        ),
+    )
+)
