@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import explain_methods_draft  # noqa: F401 (registers the methods until they live in explaining_clipviz)
-from convert_weights import from_openai_state_dict
-from tests.authors_code import VISION_CFG, authors_packages, convert_open_clip, random_open_clip
 from configuration_clipviz import CLIPVizConfig
+from convert_weights import from_openai_state_dict
 from modeling_clipviz import CLIPVizModel
+from tests.authors_code import VISION_CFG, authors_packages, convert_open_clip, random_open_clip
 from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
 from tests.openai_reference import randomized_openai_clip
 
