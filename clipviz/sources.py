@@ -3,7 +3,7 @@
 Sources: OpenAI's published checkpoints by name (downloaded and SHA-256 checked), any checkpoint file (TorchScript
 archive, ``torch.save`` state dict, safetensors), a transformers ``CLIPModel`` folder or Hub repo id, and an open_clip
 folder (``open_clip_config.json`` + weights). All tensor reading goes through :mod:`clipviz.checkpoint_io`, so no code
-stored in a checkpoint ever runs. Key names are left as the files have them; ``convert_weights`` maps them.
+stored in a checkpoint ever runs. Key names are left as the files have them; ``clipviz.state_dict`` maps them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from clipviz import checkpoint_io
 from clipviz.checkpoint_io import CheckpointError
+from clipviz.convert_options import SOURCE_FORMATS
 
 # Hub repos holding OpenAI's own weights in transformers' layout: the `base_model` of a conversion of that file.
 OPENAI_BASE_MODELS = {
@@ -30,7 +31,6 @@ OPENAI_BASE_MODELS = {
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling values
-SOURCE_FORMATS = ("auto", "openai", "open_clip", "transformers")
 
 # transformers folders: weight files in the order transformers itself prefers them.
 TRANSFORMERS_WEIGHTS = (

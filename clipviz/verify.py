@@ -22,6 +22,7 @@ import torch
 
 from clipviz.hub_repo import TensorRecord, tensor_digest
 from clipviz.sources import ImageSettings
+from clipviz.state_dict import IGNORED_OPENAI_KEYS, openai_to_transformers_state_dict, transformers_clip_config
 
 PROBE_IMAGES = 2
 PROBE_EXTRA_CAPTIONS = ("a photo of a cat", "a diagram with text")
@@ -161,9 +162,7 @@ def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
     module = openai_model_module()
     with torch.device("meta"):
         model = module.CLIP(*_openai_clip_args(config))
-    own = {
-        key: value for key, value in weights.items() if key not in ("input_resolution", "context_length", "vocab_size")
-    }
+    own = {key: value for key, value in weights.items() if key not in IGNORED_OPENAI_KEYS}
     model.load_state_dict(own, strict=True, assign=True)
     _adapt_openai_model(model, config, module)
     for layer in model.modules():  # OpenAI's LayerNorm computes in float32 and, on CPU, needs float32 weights
@@ -202,40 +201,13 @@ def _adapt_openai_model(model, config, module) -> None:
 def _transformers_reference(weights, config, probe: ProbeInputs, folder: Path | None) -> Outputs | str:
     """transformers' `CLIPModel`: loaded from the source folder when the source is a transformers checkpoint,
     otherwise built from the OpenAI-layout tensors through the inverse key table."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     dtype = weights["ln_final.weight"].dtype
     if folder is not None:  # transformers reads its own checkpoint: an independent check of the key tables too
         model = CLIPModel.from_pretrained(folder, **_dtype_kwarg(dtype), attn_implementation="eager")
     else:
-        from convert_weights import openai_to_transformers_state_dict
-
-        text, vision = config.text_config, config.vision_config
-        hf_config = CLIPConfig(
-            text_config={
-                "vocab_size": text.vocab_size,
-                "hidden_size": text.hidden_size,
-                "intermediate_size": text.intermediate_size,
-                "num_hidden_layers": text.num_hidden_layers,
-                "num_attention_heads": text.num_attention_heads,
-                "max_position_embeddings": text.max_position_embeddings,
-                "hidden_act": text.hidden_act,
-                "layer_norm_eps": text.layer_norm_eps,
-                "bos_token_id": text.vocab_size - 2,
-                "eos_token_id": text.vocab_size - 1,
-            },
-            vision_config={
-                "image_size": vision.image_size,
-                "patch_size": vision.patch_size,
-                "hidden_size": vision.hidden_size,
-                "intermediate_size": vision.intermediate_size,
-                "num_hidden_layers": vision.num_hidden_layers,
-                "num_attention_heads": vision.num_attention_heads,
-                "hidden_act": vision.hidden_act,
-                "layer_norm_eps": vision.layer_norm_eps,
-            },
-            projection_dim=config.projection_dim,
-        )
+        hf_config = transformers_clip_config(config)
         hf_config._attn_implementation = "eager"
         with torch.device("meta"):
             model = CLIPModel(hf_config)

@@ -35,6 +35,11 @@ from errors import UserError
 from PIL import Image
 
 SPACE_DIR = Path(__file__).resolve().parent
+try:  # drawing is library code (`clipviz.rendering`), not the models' remote code: installed, or copied in on deploy
+    from clipviz import rendering
+except ImportError:  # running from the repository: the package sits next to this folder
+    sys.path.append(str(SPACE_DIR.parent))
+    from clipviz import rendering
 EMBEDDED_NAMES = ("clipviz-tiny-vit", "clipviz-tiny-resnet")
 EMBEDDED_PREFIX = "embedded: "
 OPENAI_ARCHITECTURES = (
@@ -67,7 +72,7 @@ METHOD_LABELS = {
 VALID_METHODS = {"vit": METHODS, "resnet": ("attention", "relevance", "gradcam")}
 HEAD_FUSIONS = ("mean", "max")  # raw attention: instead of one head
 ROLLOUT_FUSIONS = ("mean", "max", "min")
-COLORMAPS = ("jet", "viridis", "inferno", "gray")
+COLORMAPS = rendering.OVERLAY_COLORMAPS
 
 METHOD_NOTES = {
     "attention": (
@@ -201,13 +206,13 @@ class LoadedModel:
 
     @property
     def overlay(self) -> Callable:
-        """The ``overlay`` helper shipped with the model's own code (the Hub remote-code module)."""
-        return sys.modules[type(self.model).__module__].overlay
+        """The ``overlay`` that blends a map over a picture (``clipviz.rendering.overlay``)."""
+        return rendering.overlay
 
     @property
     def colormaps(self) -> tuple[str, ...]:
-        """Colour maps the model's ``overlay`` knows (the module's list when it publishes one)."""
-        return tuple(getattr(sys.modules[type(self.model).__module__], "OVERLAY_COLORMAPS", COLORMAPS))
+        """Colour maps ``overlay`` knows."""
+        return COLORMAPS
 
 
 def load_model(choice: ModelChoice) -> LoadedModel:
@@ -229,9 +234,9 @@ def load_model(choice: ModelChoice) -> LoadedModel:
         preprocessing = _preprocessor_config(choice.source, kwargs)
     except Exception as error:  # network, missing files, bad config: the user needs the reason, not a traceback
         raise ModelLoadError(f"Could not load the model {choice.label!r}: {_first_line(error)}") from error
-    if not hasattr(model, "explain") or not hasattr(sys.modules[type(model).__module__], "overlay"):
+    if not hasattr(model, "explain"):
         raise ModelLoadError(
-            f"The model {choice.label!r} was saved with clipviz code that has no explanations (`explain`/`overlay`); "
+            f"The model {choice.label!r} was saved with clipviz code that has no explanations (`explain`); "
             "convert it again with the current clipviz."
         )
     return LoadedModel(

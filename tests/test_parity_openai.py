@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from clipviz.state_dict import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
 from configuration_clipviz import PRESETS, CLIPVizConfig
-from convert_weights import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
 from modeling_clipviz import CLIPVizMLP
 from tests.conftest import TINY_VOCAB, pixels, tiny_config, token_ids
 from tests.openai_reference import randomized_openai_clip
