@@ -15,9 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import explain_methods_draft  # noqa: F401 (registers the methods until they live in explaining_clipviz)
+from clipviz.state_dict import from_openai_state_dict
 from configuration_clipviz import CLIPVizConfig
-from convert_weights import from_openai_state_dict
 from modeling_clipviz import CLIPVizModel
 from tests.authors_code import VISION_CFG, authors_packages, convert_open_clip, random_open_clip
 from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
