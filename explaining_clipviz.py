@@ -22,6 +22,7 @@ import time.
 
 import importlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -574,7 +575,7 @@ def gradcam_maps(model, inputs: ExplainInputs, options: dict):
     return _to_grid(image.transpose(0, 1), inputs), text
 
 
-# ---- Shared pieces of the dense and gradient-free methods ----
+# ---- Shared pieces of LeGrad, GEM, MaskCLIP and ClearCLIP ----
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -588,13 +589,37 @@ def _min_max(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return (maps - low) / torch.where(spread > 0, spread, torch.ones_like(spread))
 
 
-def _qkv(block, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A block's query, key and value for every token of its LayerNorm'ed input `[B, N, D]`, from its one fused
-    projection: 3 x `[B, heads, N, head_dim]`."""
-    attention = block.self_attn
-    batch, length, _ = normed.shape
-    qkv = attention.qkv_proj(normed).view(batch, length, 3, attention.num_heads, -1)  # [B, N, 3, heads, hd]
+@contextmanager
+def _kept_projections(blocks, first: int):
+    """While active, the blocks from `first` on record what their attention is fed, in block order: a list of
+    (the LayerNorm'ed block input `[B, N, D]`, its fused q/k/v projection `[B, N, 3D]`). The rewired paths start
+    from these, so the tower's own pass is not repeated."""
+    kept = []
+    hooks = [
+        block.self_attn.qkv_proj.register_forward_hook(lambda module, args, output: kept.append((args[0], output)))
+        for block in blocks[first:]
+    ]
+    try:
+        yield kept
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused projection `[B, N, 3D]` -> query, key, value, each `[B, heads, N, head_dim]` (views)."""
+    batch, length, _ = qkv.shape
+    qkv = qkv.view(batch, length, 3, num_heads, -1)  # [B, N, 3, heads, head_dim]
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, head_dim]
+
+
+def _encode_for_dense_maps(model, inputs: ExplainInputs, first: int) -> list:
+    """One graph-free pass of each tower for the gradient-free methods: the image tower on the fast attention path
+    with its hidden states, keeping its blocks' attention inputs from `first` on (`_kept_projections`); the text
+    tower with its attentions (for `_eot_text_maps`)."""
+    with _kept_projections(model.vision_model.encoder.layers, first) as kept:
+        encode(model, inputs, image_attentions=False, image_hidden_states=True)
+    return kept
 
 
 def _dense_maps(features: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
@@ -612,14 +637,9 @@ def _projected_patches(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def _eot_text_maps(inputs: ExplainInputs) -> torch.Tensor:
     """The gradient-free methods' text map: the end-of-text token's last-layer attention over its prompt, mean
-    over heads: `[T, L]`."""
-    return _eot_rows(_fuse_heads(inputs.text.attentions[-1], "mean"), inputs.input_ids)
-
-
-def _encode_plain(model, inputs: ExplainInputs) -> ExplainInputs:
-    """One graph-free pass of each tower: the image tower on the fast attention path with its hidden states (the
-    rewired paths start from them), the text tower with its attentions (for `_eot_text_maps`)."""
-    return encode(model, inputs, image_attentions=False, image_hidden_states=True)
+    over heads, the same for every image: `[I, T, L]`."""
+    text = _eot_rows(_fuse_heads(inputs.text.attentions[-1], "mean"), inputs.input_ids)  # [T, L]
+    return text[None].expand(inputs.pixel_values.shape[0], -1, -1)
 
 
 # ---- MaskCLIP ----
@@ -630,26 +650,19 @@ def maskclip_maps(model, inputs: ExplainInputs, options: dict):
     prompt. ViT: as the authors' code, each token attends to itself alone (the value and output projections),
     then the block's residual and MLP, `ln_post` and the projection. ResNet: the attention pool's value and output
     projections as 1x1 convolutions on the last feature map (no positional embedding, as the authors')."""
-    _encode_plain(model, inputs)
     vision = model.vision_model
     if model.config.vision_config.backbone == "resnet":
+        encode(model, inputs, image_attentions=False, image_hidden_states=False)
         pool = vision.attnpool
         cells = inputs.vision.last_hidden_state.flatten(2).transpose(1, 2)  # [I, h*w, C]
-        features = pool.out_proj(pool.v_proj(cells))  # [I, h*w, P]
-    else:
-        block = vision.encoder.layers[-1]
-        hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
-        qkv, width = block.self_attn.qkv_proj, hidden.shape[-1]
-        value = F.linear(block.ln_1(hidden), qkv.weight[2 * width :], qkv.bias[2 * width :])  # [I, N, D]
-        tokens = hidden + block.self_attn.out_proj(value)  # [I, N, D]
-        tokens = tokens + block.mlp(block.ln_2(tokens))
-        features = _projected_patches(model, tokens)
-    return _dense_maps(features, inputs), _per_pair_text(inputs)
-
-
-def _per_pair_text(inputs: ExplainInputs) -> torch.Tensor:
-    text = _eot_text_maps(inputs)  # [T, L]
-    return text[None].expand(inputs.pixel_values.shape[0], -1, -1)  # [I, T, L]
+        return _dense_maps(pool.out_proj(pool.v_proj(cells)), inputs), _eot_text_maps(inputs)
+    block = vision.encoder.layers[-1]
+    ((_, qkv),) = _encode_for_dense_maps(model, inputs, len(vision.encoder.layers) - 1)
+    hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
+    value = qkv[..., 2 * hidden.shape[-1] :]  # [I, N, D]
+    tokens = hidden + block.self_attn.out_proj(value)  # [I, N, D]
+    tokens = tokens + block.mlp(block.ln_2(tokens))
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
 
 
 # ---- ClearCLIP ----
@@ -657,70 +670,67 @@ def _per_pair_text(inputs: ExplainInputs) -> torch.Tensor:
 
 def clearclip_maps(model, inputs: ExplainInputs, options: dict):
     """ClearCLIP: the last block with query-query attention, without the residual and without the MLP."""
-    _encode_plain(model, inputs)
     modeling, block = modeling_module(), model.vision_model.encoder.layers[-1]
-    hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
-    query, _, value = _qkv(block, block.ln_1(hidden))  # [I, heads, N, head_dim] each
-    use_sdpa = modeling._uses_sdpa(model.config.vision_config, hidden)
+    ((normed, qkv),) = _encode_for_dense_maps(model, inputs, len(model.vision_model.encoder.layers) - 1)
+    query, _, value = _split_qkv(qkv, block.self_attn.num_heads)  # [I, heads, N, head_dim] each
+    use_sdpa = modeling._uses_sdpa(model.config.vision_config, normed)
     context = modeling.multi_head_attention(query, query, value, use_sdpa=use_sdpa)[0]  # [I, heads, N, head_dim]
     tokens = block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
-    return _dense_maps(_projected_patches(model, tokens), inputs), _per_pair_text(inputs)
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
 
 
 # ---- GEM ----
 
 
-def _self_attention_weights(x_unit: torch.Tensor, inverse_temperature) -> torch.Tensor:
-    """Softmax of the cosine similarities of unit vectors `[B, heads, N, head_dim]` with each other, times
-    `inverse_temperature`: `[B, heads, N, N]` in their dtype (softmax in fp32)."""
-    scores = x_unit @ x_unit.transpose(-2, -1) * inverse_temperature  # [B, heads, N, N]
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(x_unit.dtype)
+def _self_self_attention(query, key, value, inverse_temperature, iterations: int, use_sdpa: bool) -> torch.Tensor:
+    """GEM's self-self attention: q, k and v each attend to themselves by cosine x `inverse_temperature`
+    (`iterations` rounds, each replacing the path by its attended self), then each path's own attention is applied
+    to v and the three are averaged: `[B, heads, N, head_dim]`. `multi_head_attention` divides scores by
+    sqrt(head_dim), so the queries carry that factor back."""
+    attention = modeling_module().multi_head_attention
+    query_scale = inverse_temperature * query.shape[-1] ** 0.5
 
+    def attend(x_unit, values):
+        return attention(x_unit * query_scale, x_unit, values, use_sdpa=use_sdpa)[0]  # [B, heads, N, head_dim]
 
-def _self_self_attention(query, key, value, inverse_temperature, iterations: int) -> torch.Tensor:
-    """GEM's self-self attention: q, k and v each attend to themselves (`iterations` rounds, each replacing the
-    path by its attended self), then each path's own attention is applied to v and the three are averaged:
-    `[B, heads, N, head_dim]`."""
     context = 0
     for x in (query, key, value):
         for _ in range(iterations):
             x_unit = _unit(x)
-            x = _self_attention_weights(x_unit, inverse_temperature) @ x_unit  # [B, heads, N, head_dim]
-        context = context + _self_attention_weights(_unit(x), inverse_temperature) @ value
+            x = attend(x_unit, x_unit)
+        context = context + attend(_unit(x), value)
     return context / 3
 
 
 def gem_maps(model, inputs: ExplainInputs, options: dict):
     """GEM: a parallel path through the last `depth - 1` blocks that adds self-self attention (fed by the
     ordinary path's tokens) and skips the MLP; its projected patches are compared with the prompt."""
-    _encode_plain(model, inputs)
     modeling, blocks = modeling_module(), model.vision_model.encoder.layers
     first = len(blocks) - min(options["depth"] - 1, len(blocks))
-    hidden_states = inputs.vision.hidden_states  # [I, N, D] each: hidden_states[l] enters block l
-    tokens = hidden_states[first]
-    for index in range(first, len(blocks)):
-        block = blocks[index]
-        normed = block.ln_1(hidden_states[index])  # [I, N, D]
-        query, key, value = _qkv(block, normed)
+    kept = _encode_for_dense_maps(model, inputs, first)
+    tokens = inputs.vision.hidden_states[first]  # [I, N, D]: the first rewired block's input
+    use_sdpa = modeling._uses_sdpa(model.config.vision_config, tokens)
+    for block, (normed, qkv) in zip(blocks[first:], kept, strict=True):
+        query, key, value = _split_qkv(qkv, block.self_attn.num_heads)  # [I, heads, N, head_dim] each
         temperature = options["ss_attn_temp"]
         if temperature is None:  # the authors' default: mean token norm of the attention input x the head scale
             norms = normed.float().norm(dim=-1).mean(dim=-1)  # [I]
             temperature = (norms * query.shape[-1] ** -0.5).to(query.dtype)[:, None, None, None]  # [I, 1, 1, 1]
-        context = _self_self_attention(query, key, value, temperature, options["ss_attn_iter"])
+        context = _self_self_attention(query, key, value, temperature, options["ss_attn_iter"], use_sdpa)
         tokens = tokens + block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
-    return _dense_maps(_projected_patches(model, tokens), inputs), _per_pair_text(inputs)
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
 
 
 # ---- LeGrad ----
 
 
-def _legrad_block(block, hidden: torch.Tensor, attn_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block recomputed from its detached input `[B, N, D]` with its attention weights as a leaf that requires
-    grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). Only the paths from the
-    weights to the output (values times weights, output projection, MLP) enter the graph."""
+def _legrad_block(block, hidden: torch.Tensor, qkv: torch.Tensor, attn_mask=None):
+    """A block recomputed from its input `[B, N, D]` and its kept q/k/v projection, with its attention weights as
+    a leaf that requires grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). Only the
+    paths from the weights to the output (weights times values, output projection, MLP) enter the graph."""
     modeling = modeling_module()
+    query, key, value = _split_qkv(qkv, block.self_attn.num_heads)
     with torch.no_grad():
-        query, key, value = _qkv(block, block.ln_1(hidden))
         weights = modeling.multi_head_attention(query, key, value, attn_mask, need_weights=True, use_sdpa=False)[1]
     weights = weights.requires_grad_(True)  # [B, heads, N, N]
     x = hidden + block.self_attn.out_proj(modeling._merge_heads(weights @ value))  # [B, N, D]
@@ -731,15 +741,18 @@ def legrad_maps(model, inputs: ExplainInputs, options: dict):
     """LeGrad: for each layer l from `start_layer` on, s_l = the cosine of that block's output (mean over all
     tokens, through `ln_post` and the projection) with the prompt; the map sums, over l, the mean over heads and
     query rows of ReLU(ds_l/dA_l), without the class token's column. The text side mirrors it: s_l from the
-    end-of-text token of text block l (through `ln_final` and the text projection) against the image."""
-    encode(
-        model, inputs, image_attentions=False, image_hidden_states=True, text_attentions=False, text_hidden_states=True
-    )
+    end-of-text token of text block l (through `ln_final` and the text projection) against the image. Each block
+    is recomputed from its detached input, so s_l reaches only A_l, and all layers share one vmapped backward."""
     vision, text_model = model.vision_model, model.text_model
     start, text_start = options["start_layer"], options["start_layer_text"]
+    with (
+        _kept_projections(vision.encoder.layers, start) as kept,
+        _kept_projections(text_model.encoder.layers, text_start) as text_kept,
+    ):
+        encode(model, inputs, image_attentions=False, text_attentions=False, text_hidden_states=True)
     scores, weights = 0, []
-    for index, block in enumerate(vision.encoder.layers[start:], start):
-        out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index])
+    for index, (block, (_, qkv)) in enumerate(zip(vision.encoder.layers[start:], kept, strict=True), start):
+        out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index], qkv)
         scores = scores + _unit(vision.project(vision.ln_post(out.mean(dim=1)))) @ inputs.text_unit.t()  # [I, T]
         weights.append(layer_weights)
     grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "text", scores))  # [T, I, h, N, N]
@@ -748,12 +761,13 @@ def legrad_maps(model, inputs: ExplainInputs, options: dict):
 
     hidden_states, input_ids = inputs.text.hidden_states, inputs.input_ids
     mask = text_model.attention_mask(input_ids, inputs.attention_mask, hidden_states[0].dtype)
-    eot = input_ids.argmax(dim=-1)  # [T]
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    rows, eot = torch.arange(input_ids.shape[0], device=input_ids.device), input_ids.argmax(dim=-1)
     text_scores, text_weights = 0, []
-    for index, block in enumerate(text_model.encoder.layers[text_start:], text_start):
-        out, layer_weights = _legrad_block(block, hidden_states[index], mask)
-        pooled = text_model.ln_final(out[rows, eot])  # [T, D]
+    for index, (block, (_, qkv)) in enumerate(
+        zip(text_model.encoder.layers[text_start:], text_kept, strict=True), text_start
+    ):
+        out, layer_weights = _legrad_block(block, hidden_states[index], qkv, mask)
+        pooled = text_model.ln_final(out[rows, eot])  # [T, D]: each prompt's end-of-text token
         features = pooled @ model.text_projection.to(pooled.dtype)  # [T, P]
         text_scores = text_scores + inputs.image_unit @ _unit(features).t()  # [I, T]
         text_weights.append(layer_weights)

@@ -12,7 +12,7 @@ ModifiedResNet CLIP, so RN50's naive row is our own model with a full `backward(
 
 Usage::
 
-    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50]
+    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50] [--methods gem legrad]
 """
 
 from __future__ import annotations
@@ -40,8 +40,12 @@ METHODS = {
         ("relevance", {}),
         ("relevance", {"start_layer": 0}),
         ("gradcam", {}),
+        ("legrad", {}),
+        ("gem", {}),
+        ("maskclip", {}),
+        ("clearclip", {}),
     ],
-    "RN50": [("attention", {}), ("relevance", {}), ("gradcam", {})],
+    "RN50": [("attention", {}), ("relevance", {}), ("gradcam", {}), ("maskclip", {})],
 }
 
 
@@ -139,24 +143,29 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f" {key}={value}" for key, value in options.items())
 
 
-def bench(preset: str, repeats: int, counts: tuple[int, ...]) -> list[tuple[str, dict[int, float]]]:
-    """Rows of (name, {prompt count: seconds})."""
+def bench(
+    preset: str, repeats: int, counts: tuple[int, ...], only: list[str] | None = None
+) -> list[tuple[str, dict[int, float]]]:
+    """Rows of (name, {prompt count: seconds}); `only`: just these methods (the naive row comes with
+    "relevance")."""
     torch.manual_seed(0)
     model = CLIPVizModel(CLIPVizConfig.from_preset(preset)).eval()
     size = model.config.vision_config.image_size
     px = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     inputs = {count: prompts(count, model.config.text_config.vocab_size) for count in counts}
     rows = {"our plain forward (sdpa, no grad)": lambda ids: plain_forward(model, px, ids)}
-    for method, options in METHODS[preset]:
+    methods = [(m, o) for m, o in METHODS[preset] if only is None or m in only]
+    for method, options in methods:
         rows[f"explain {label(method, options)}"] = lambda ids, m=method, o=options: model.explain(
             px, ids, method=m, **o
         )
-    if model.config.vision_config.backbone == "vit":
+    naive = only is None or "relevance" in only
+    if naive and model.config.vision_config.backbone == "vit":
         twin = transformers_twin(model)
         rows["naive: transformers CLIPModel eager + backward per prompt (relevance)"] = lambda ids: naive_transformers(
             twin, px, ids
         )
-    else:
+    elif naive:
         rows["naive: full backward per prompt (relevance)"] = lambda ids: naive_resnet(model, px, ids)
     functions = {(name, c): (lambda f=f, c=c: f(inputs[c])) for name, f in rows.items() for c in counts}
     best = timed_interleaved(functions, repeats)
@@ -183,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", help="time only these methods (e.g. --methods gem maskclip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     counts = (1, 8)
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         f"best of {args.repeats} interleaved rounds"
     )
     for preset in args.models:
-        rows = bench(preset, args.repeats, counts)
+        rows = bench(preset, args.repeats, counts, args.methods)
         print()
         print(format_rows(preset, rows, counts), flush=True)
     return 0
