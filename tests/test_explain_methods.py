@@ -325,3 +325,16 @@ def test_invalid_options_raise_with_the_valid_ones(backbone, method, options, me
     images, texts = pixels(1, model.config.vision_config.image_size), token_ids(1)
     with pytest.raises(ValueError, match=re.escape(message)):
         model.explain(images, texts, method=method, **options)
+
+
+@pytest.mark.parametrize("backbone,method", CASES)
+def test_frozen_parameters_no_grad_context_and_no_hooks_left(backbone, method):
+    model = model_for(backbone)
+    images, texts = pixels(2, model.config.vision_config.image_size), token_ids(3)
+    expected = model.explain(images, texts, method=method)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        frozen = model.explain(images, texts, method=method)
+    torch.testing.assert_close(frozen.image_maps, expected.image_maps)
+    torch.testing.assert_close(frozen.text_maps, expected.text_maps)
+    assert not any(module._forward_hooks for module in model.modules())  # the kept projections' hooks are gone
