@@ -92,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-heads",
         type=_positive_int,
         metavar="N",
-        help="text attention heads if not width/64, e.g. --text-heads 8",
+        help="text attention heads when the checkpoint does not record them (default width/64), e.g. --text-heads 8",
     )
     source.add_argument(
         "--vision-heads",
         type=_positive_int,
         metavar="N",
-        help="image attention heads if not OpenAI's rule, e.g. --vision-heads 16",
+        help="image attention heads when the checkpoint does not record them (default width/64), e.g. --vision-heads 16",
     )
     source.add_argument(
         "--cache-dir", metavar="DIR", help="download cache (default: the Hugging Face cache), e.g. --cache-dir /data/hf"

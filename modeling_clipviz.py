@@ -23,15 +23,19 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
-try:  # Hub remote code: transformers imports this file inside a package, next to the config and explanation files
-    from .configuration_clipviz import CLIPVizConfig, CLIPVizTextConfig, CLIPVizVisionConfig
+# As Hub remote code these files lie in a package, where the relative imports find the copies shipped next to this
+# one (a pip-installed `configuration_clipviz` must never shadow them); as top-level modules (checkout, pip install)
+# they fall back to importlib, because transformers' import check scans except branches too and would ask for
+# packages named `configuration_clipviz` / `explaining_clipviz`.
+try:
+    from .configuration_clipviz import RESNET_DOWNSAMPLING, CLIPVizConfig, CLIPVizTextConfig, CLIPVizVisionConfig
     from .explaining_clipviz import CLIPVizExplainMixin, CLIPVizExplanationOutput
-except ImportError:  # a plain top-level module (pip install / repository checkout); importlib keeps the Hub's
-    # import check from asking for packages named `configuration_clipviz` / `explaining_clipviz`
+except ImportError:
     _configuration = importlib.import_module("configuration_clipviz")
     CLIPVizConfig = _configuration.CLIPVizConfig
     CLIPVizTextConfig = _configuration.CLIPVizTextConfig
     CLIPVizVisionConfig = _configuration.CLIPVizVisionConfig
+    RESNET_DOWNSAMPLING = _configuration.RESNET_DOWNSAMPLING
     _explaining = importlib.import_module("explaining_clipviz")
     CLIPVizExplainMixin = _explaining.CLIPVizExplainMixin
     CLIPVizExplanationOutput = _explaining.CLIPVizExplanationOutput
@@ -84,35 +88,33 @@ class CLIPVizOutput(ModelOutput):
 def multi_head_attention(query, key, value, attn_mask=None, need_weights=False, use_sdpa=True):
     """Scaled dot-product attention over `[B, heads, L, head_dim]` tensors; returns `(output, weights or None)`.
 
-    With `need_weights` the weights are computed explicitly (as `nn.MultiheadAttention` does: the query is
-    scaled before the product, softmax in fp32) and the output is taken from them, so they are part of the
-    autograd graph. Otherwise SDPA runs, or the same explicit path when `use_sdpa` is False. Without a graph to
-    keep, the scale multiplies the product instead: the same values for CLIP's 64-wide heads (scale 1/8).
+    SDPA when no weights are needed (and `use_sdpa`). Otherwise the weights are computed explicitly, as
+    `nn.MultiheadAttention` does (the query scaled before the product, softmax in fp32), and the output is taken
+    from them, so they are part of the autograd graph.
     """
     if use_sdpa and not need_weights:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask), None
-    scale = 1.0 / math.sqrt(query.shape[-1])
-    if _keeps_graph(query, key, value):
-        scores = (query * scale) @ key.transpose(-2, -1)  # [B, heads, Lq, Lk]
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
-        return weights @ value, (weights if need_weights else None)
-    # No graph to keep: one batch item at a time, the heads read where they lie (strided views of the fused
-    # projection) and the context written in the merged-heads layout, so q, k, v are never copied. Only returned
-    # maps are batch-sized; otherwise one item's scores buffer serves every item.
-    batch, heads, length, head_dim = query.shape
-    weights = query.new_empty(batch if need_weights else 1, heads, length, key.shape[-2])  # [B or 1, heads, Lq, Lk]
-    context = query.new_empty(batch, length, heads, head_dim).transpose(1, 2)  # [B, heads, Lq, head_dim]
-    masks = None if attn_mask is None else attn_mask.expand(batch, heads, length, key.shape[-2])  # a view
-    for item in range(batch):
-        scores = weights[item if need_weights else 0]  # [heads, Lq, Lk]
-        torch.baddbmm(scores, query[item], key[item].transpose(-2, -1), beta=0, alpha=scale, out=scores)
-        if masks is not None:
-            scores.add_(masks[item])
-        torch.softmax(scores, dim=-1, out=scores)  # reduced precisions accumulate in fp32
-        torch.bmm(scores, value[item], out=context[item])
-    return context, (weights if need_weights else None)
+    scores = (query * (1.0 / math.sqrt(query.shape[-1]))) @ key.transpose(-2, -1)  # [B, heads, Lq, Lk]
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)  # [B, heads, Lq, Lk]
+    return weights @ value, (weights if need_weights else None)
+
+
+def _uses_sdpa(config, hidden: torch.Tensor) -> bool:
+    """Whether attention on `hidden` runs through SDPA: under "sdpa", except bf16 on CPUs with AVX-512 BF16."""
+    # There oneDNN's bf16 matmuls beat SDPA's flash kernel 2.5x per ViT-B/16 attention at batch 16 (7 vs 18 ms on the
+    # README's benchmark machine, an earlier form of the explicit path). Without AVX-512 BF16 it is the other way
+    # round (AVX2: 1981 vs 105 ms in `benchmarks/bench_attention.py`, a whole block 1.5x slower), and CPU fp16 has no
+    # fast matmul at all.
+    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16 and _cpu_has_avx512_bf16():
+        return False
+    return getattr(config, "_attn_implementation", None) == "sdpa"
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # absent from older torch releases
+    return bool(check is not None and check())
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -125,46 +127,6 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(batch, length, heads * head_dim)  # [B, L, heads * head_dim]
 
 
-def _mark_init(module: nn.Module, weight_std: float | None = None, xavier: bool = False, zero_bias: bool = False):
-    """Record where OpenAI's initialization departs from PyTorch's defaults, for `_init_weights`."""
-    module.openai_init = {"weight_std": weight_std, "xavier": xavier, "zero_bias": zero_bias}
-    return module
-
-
-def _keeps_graph(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records operations on these tensors (if not, their fresh buffers may be reused in place)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _add_residual(update: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """`residual + update`; without a graph, written into `update` (a fresh layer output) to save an allocation."""
-    return residual + update if _keeps_graph(update, residual) else update.add_(residual)
-
-
-def _uses_sdpa(config, hidden: torch.Tensor) -> bool:
-    """Whether attention on `hidden` runs through SDPA: under "sdpa", except bf16 on CPU, where PyTorch's
-    flash-attention kernel is ~2.5x slower than the explicit oneDNN bf16 matmuls (measured on AVX-512 BF16
-    cores; CPU fp16 has no fast matmul, so it stays on SDPA)."""
-    if hidden.device.type == "cpu" and hidden.dtype == torch.bfloat16:
-        return False
-    return getattr(config, "_attn_implementation", None) == "sdpa"
-
-
-class CLIPVizLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in fp32 whatever the input dtype, as OpenAI's `LayerNorm` does.
-
-    On CPU, PyTorch's kernel takes fp16/bf16 input with fp32 parameters and computes in fp32, rounding once at the
-    end: the same computation without two full-size dtype conversions (2.7x faster at ViT-B/16 batch 16).
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
-            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
-
-
 class CLIPVizAttention(nn.Module):
     """Multi-head self-attention with one fused input projection (OpenAI's `in_proj_weight`)."""
 
@@ -175,38 +137,45 @@ class CLIPVizAttention(nn.Module):
         self.qkv_proj = nn.Linear(width, 3 * width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None, output_attentions: bool):
+    def forward(self, x, attn_mask=None, output_attentions=False, num_queries=None):
+        """`num_queries`: attend from the first `num_queries` tokens only (keys and values are still every token's)."""
         batch, length, width = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, width // self.num_heads)  # [B, L, 3, heads, hd]
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, L, head_dim]
+        if num_queries is not None:
+            query = query[:, :, :num_queries]  # [B, heads, num_queries, head_dim]
+            attn_mask = None if attn_mask is None else attn_mask[..., :num_queries, :]
         use_sdpa = _uses_sdpa(self.config, x)
-        qkv = self.qkv_proj(x).view(batch, length, 3, self.num_heads, width // self.num_heads)
-        qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, heads, L, head_dim]
-        if (output_attentions or not use_sdpa) and _keeps_graph(qkv):  # autograd's matmuls: ~2x faster contiguous
-            qkv = qkv.contiguous()
-        query, key, value = qkv.unbind(0)  # 3 x [B, heads, L, head_dim]
-        context, weights = multi_head_attention(
-            query, key, value, attn_mask=attn_mask, need_weights=output_attentions, use_sdpa=use_sdpa
-        )
+        context, weights = multi_head_attention(query, key, value, attn_mask, output_attentions, use_sdpa)
         return self.out_proj(_merge_heads(context)), weights
 
 
-class CLIPVizQuickGELU(nn.Module):
-    """OpenAI's `QuickGELU`, `x * sigmoid(1.702 * x)`, which is `silu(1.702 * x) / 1.702`: the MLP's no-graph path
-    uses that form with both scales folded into its matrix products."""
+# ---- Block ----
 
-    SCALE = 1.702
+
+class CLIPVizLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, as OpenAI's `LayerNorm` does."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.SCALE * x)
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        # CPU fp16/bf16: PyTorch's kernel takes the input as it is with fp32 parameters and computes in fp32 (the
+        # same up to the last bit), without the two full-size conversions: 1.4-3x faster per call at ViT-B/16
+        # batch 16 in bf16 (51 calls per forward)
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+
+
+class CLIPVizQuickGELU(nn.Module):
+    """OpenAI's `QuickGELU`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
 
 
 class CLIPVizMLP(nn.Module):
-    """`fc2(act(fc1(x)))`. Without a graph to keep, it runs over blocks of at most `ROWS_PER_BLOCK` tokens through
-    one reused hidden buffer: the full hidden activations (39 MB for ViT-B/16 at batch 16) are the largest
-    temporary of the forward, and once returned attention maps fill the heap every fresh one is mapped and
-    page-faulted anew; ~1000-row blocks also keep the products as fast as one big one. QuickGELU there is one
-    in-place `silu` pass: its two scalings ride on the products' alpha/beta, which cost nothing."""
-
-    ROWS_PER_BLOCK = 1024
+    """`fc2(act(fc1(x)))` (OpenAI's `c_fc`, QuickGELU, `c_proj`)."""
 
     def __init__(self, config, width: int, hidden: int):
         super().__init__()
@@ -215,23 +184,7 @@ class CLIPVizMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _keeps_graph(x, *self.parameters()):
-            return self.fc2(self.act(self.fc1(x)))
-        rows = x.reshape(-1, x.shape[-1])  # [B * L, width]
-        out = rows.new_empty(rows.shape[0], self.fc2.out_features)  # [B * L, width]
-        blocks = max(1, math.ceil(rows.shape[0] / self.ROWS_PER_BLOCK))
-        block_rows = max(1, math.ceil(rows.shape[0] / blocks))  # even blocks
-        hidden = rows.new_empty(block_rows, self.fc1.out_features)  # [block rows, hidden]
-        quick_gelu = isinstance(self.act, CLIPVizQuickGELU)
-        scale = self.act.SCALE if quick_gelu else 1.0
-        for start in range(0, rows.shape[0], block_rows):
-            stop = min(start + block_rows, rows.shape[0])
-            block = hidden[: stop - start]
-            # scale * fc1(x): alpha scales the product, beta the bias already copied into `block`
-            torch.addmm(self.fc1.bias, rows[start:stop], self.fc1.weight.t(), beta=scale, alpha=scale, out=block)
-            activated = F.silu(block, inplace=True) if quick_gelu else self.act(block)
-            torch.addmm(self.fc2.bias, activated, self.fc2.weight.t(), alpha=1.0 / scale, out=out[start:stop])
-        return out.view(*x.shape[:-1], self.fc2.out_features)  # [B, L, width]
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class CLIPVizResidualAttentionBlock(nn.Module):
@@ -245,10 +198,12 @@ class CLIPVizResidualAttentionBlock(nn.Module):
         self.ln_2 = CLIPVizLayerNorm(width, eps=config.layer_norm_eps)
         self.mlp = CLIPVizMLP(config, width, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, output_attentions: bool = False):
-        attended, weights = self.self_attn(self.ln_1(x), attn_mask, output_attentions)
-        x = _add_residual(attended, x)
-        x = _add_residual(self.mlp(self.ln_2(x)), x)
+    def forward(self, x, attn_mask=None, output_attentions=False, num_queries=None):
+        """`[B, L, D]` -> `([B, L, D], weights or None)`. With `num_queries`, only the first `num_queries` tokens'
+        outputs are computed (they still attend to every token): `[B, num_queries, D]`."""
+        attended, weights = self.self_attn(self.ln_1(x), attn_mask, output_attentions, num_queries)
+        x = x[:, :num_queries] + attended  # [B, num_queries or L, D]
+        x = x + self.mlp(self.ln_2(x))
         return x, weights
 
 
@@ -275,41 +230,13 @@ class CLIPVizEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=x, hidden_states=hidden_states, attentions=attentions)
 
 
-def _interpolate_grid_embedding(embedding: torch.Tensor, grid: int, height: int, width: int) -> torch.Tensor:
-    """Resize the grid part of a `[1 + grid*grid, D]` positional embedding to `height x width` (bicubic)."""
-    if (height, width) == (grid, grid):
-        return embedding
-    first, rest = embedding[:1], embedding[1:]
-    dim = embedding.shape[-1]
-    rest = rest.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # [1, D, grid, grid]
-    rest = F.interpolate(rest, size=(height, width), mode="bicubic", align_corners=False)
-    rest = rest.permute(0, 2, 3, 1).reshape(height * width, dim)  # [h*w, D]
-    return torch.cat([first, rest.to(embedding.dtype)], dim=0)  # [1 + h*w, D]
-
-
-def _check_image_size(pixel_values: torch.Tensor, config, interpolate_pos_encoding: bool) -> None:
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"`pixel_values` must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}; "
-            "add a batch dimension with `pixel_values[None]` for a single image."
-        )
-    if pixel_values.shape[1] != config.num_channels:
-        raise ValueError(
-            f"`pixel_values` has {pixel_values.shape[1]} channels but CLIP takes {config.num_channels} (RGB); "
-            "convert images with `image.convert('RGB')` and use the model's image processor (channels first)."
-        )
-    height, width = pixel_values.shape[-2:]
-    if not interpolate_pos_encoding and (height, width) != (config.image_size, config.image_size):
-        raise ValueError(
-            f"Input image size ({height}x{width}) doesn't match the model's ({config.image_size}x{config.image_size}); "
-            f"resize to {config.image_size} with the model's image processor, or pass `interpolate_pos_encoding=True`."
-        )
-    minimum = config.patch_size if config.backbone == "vit" else 32
-    if min(height, width) < minimum:
-        raise ValueError(f"Images must be at least {minimum}x{minimum} pixels for this backbone, got {height}x{width}.")
-
-
 # ---- Text tower ----
+
+
+def _mark_init(module: nn.Module, weight_std: float | None = None, xavier: bool = False, zero_bias: bool = False):
+    """Record where OpenAI's initialization departs from PyTorch's defaults, for `_init_weights`."""
+    module.openai_init = {"weight_std": weight_std, "xavier": xavier, "zero_bias": zero_bias}
+    return module
 
 
 class CLIPVizTextTransformer(nn.Module):
@@ -353,7 +280,7 @@ class CLIPVizTextTransformer(nn.Module):
         last_hidden_state = self.ln_final(encoded.last_hidden_state)
         # OpenAI pools at the end-of-text token, the largest id of each sequence (argmax takes the first one)
         eot_positions = input_ids.argmax(dim=-1)
-        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), eot_positions]
+        pooled = last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), eot_positions]  # [B, D]
         return BaseModelOutputWithPooling(
             last_hidden_state=last_hidden_state,
             pooler_output=pooled,
@@ -363,6 +290,18 @@ class CLIPVizTextTransformer(nn.Module):
 
 
 # ---- ViT image tower ----
+
+
+def _interpolate_grid_embedding(embedding: torch.Tensor, grid: int, height: int, width: int) -> torch.Tensor:
+    """Resize the grid part of a `[1 + grid*grid, D]` positional embedding to `height x width` (bicubic)."""
+    if (height, width) == (grid, grid):
+        return embedding
+    first, rest = embedding[:1], embedding[1:]
+    dim = embedding.shape[-1]
+    rest = rest.float().reshape(1, grid, grid, dim).permute(0, 3, 1, 2)  # [1, D, grid, grid]
+    rest = F.interpolate(rest, size=(height, width), mode="bicubic", align_corners=False)
+    rest = rest.permute(0, 2, 3, 1).reshape(height * width, dim)  # [h*w, D]
+    return torch.cat([first, rest.to(embedding.dtype)], dim=0)  # [1 + h*w, D]
 
 
 class CLIPVizVisionTransformer(nn.Module):
@@ -395,7 +334,7 @@ class CLIPVizVisionTransformer(nn.Module):
     def forward(self, pixel_values, output_attentions=False, output_hidden_states=False):
         x = self.ln_pre(self.embed(pixel_values))
         encoded = self.encoder(x, None, output_attentions, output_hidden_states)
-        pooled = self.ln_post(encoded.last_hidden_state[:, 0, :])
+        pooled = self.ln_post(encoded.last_hidden_state[:, 0, :])  # [B, D]: the class token
         return BaseModelOutputWithPooling(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=pooled,
@@ -565,7 +504,10 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """OpenAI's initialization: PyTorch defaults, overridden where `initialize_parameters` does."""
+        """OpenAI's initialization: PyTorch defaults, overridden where `initialize_parameters` does. As in
+        transformers' CLIP, `config.initializer_factor` scales each of those overrides (standard deviations and
+        the xavier gain); PyTorch's defaults stay as they are."""
+        factor = self.config.initializer_factor
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding, nn.LayerNorm)):
             module.reset_parameters()
         elif isinstance(module, nn.BatchNorm2d):
@@ -576,27 +518,53 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
         spec = getattr(module, "openai_init", None)
         if spec is not None:
             if spec["xavier"]:
-                nn.init.xavier_uniform_(module.weight)
+                nn.init.xavier_uniform_(module.weight, gain=factor)
             elif spec["weight_std"] == 0.0:
                 nn.init.zeros_(module.weight)
             elif spec["weight_std"] is not None:
-                nn.init.normal_(module.weight, std=spec["weight_std"])
+                nn.init.normal_(module.weight, std=spec["weight_std"] * factor)
             if spec["zero_bias"]:
                 nn.init.zeros_(module.bias)
         if isinstance(module, CLIPVizTextTransformer):
-            nn.init.normal_(module.position_embedding, std=0.01)
+            nn.init.normal_(module.position_embedding, std=0.01 * factor)
         elif isinstance(module, CLIPVizVisionTransformer):
-            scale = module.config.hidden_size**-0.5
+            scale = module.config.hidden_size**-0.5 * factor
             for parameter in (module.class_embedding, module.position_embedding, module.proj):
                 nn.init.normal_(parameter, std=scale)
         elif isinstance(module, CLIPVizAttentionPool):
-            nn.init.normal_(module.position_embedding, std=module.config.hidden_size**-0.5)
+            nn.init.normal_(module.position_embedding, std=module.config.hidden_size**-0.5 * factor)
         elif isinstance(module, CLIPVizModel):
-            nn.init.normal_(module.text_projection, std=module.config.text_config.hidden_size**-0.5)
+            nn.init.normal_(module.text_projection, std=module.config.text_config.hidden_size**-0.5 * factor)
             nn.init.constant_(module.logit_scale, module.config.logit_scale_init_value)
 
 
 # ---- The CLIP model ----
+
+
+def _check_image_size(
+    pixel_values: torch.Tensor, config, interpolate_pos_encoding: bool, can_interpolate: bool = True
+) -> None:
+    """`can_interpolate=False` for callers without `interpolate_pos_encoding` (explain): the fix offered is resizing."""
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"`pixel_values` must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}; "
+            "add a batch dimension with `pixel_values[None]` for a single image."
+        )
+    if pixel_values.shape[1] != config.num_channels:
+        raise ValueError(
+            f"`pixel_values` has {pixel_values.shape[1]} channels but CLIP takes {config.num_channels} (RGB); "
+            "convert images with `image.convert('RGB')` and use the model's image processor (channels first)."
+        )
+    height, width = pixel_values.shape[-2:]
+    if not interpolate_pos_encoding and (height, width) != (config.image_size, config.image_size):
+        alternative = ", or pass `interpolate_pos_encoding=True`" if can_interpolate else " (explain() needs that size)"
+        raise ValueError(
+            f"Input image size ({height}x{width}) doesn't match the model's ({config.image_size}x{config.image_size}); "
+            f"resize to {config.image_size} with the model's image processor{alternative}."
+        )
+    minimum = config.patch_size if config.backbone == "vit" else RESNET_DOWNSAMPLING
+    if min(height, width) < minimum:
+        raise ValueError(f"Images must be at least {minimum}x{minimum} pixels for this backbone, got {height}x{width}.")
 
 
 class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
@@ -631,6 +599,8 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
         config = self.config.text_config
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape [batch, length], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` has no tokens (length 0); each text needs at least its end-of-text token.")
         if input_ids.shape[1] > config.max_position_embeddings:
             raise ValueError(
                 f"`input_ids` has {input_ids.shape[1]} tokens but the context length is "
@@ -706,8 +676,8 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
         text_embeds = text_outputs.pooler_output @ self.text_projection.to(text_outputs.pooler_output.dtype)
         image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
         text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
-        logits_per_image = self.logit_scale.exp().to(image_embeds.dtype) * image_embeds @ text_embeds.t()
-        logits_per_text = logits_per_image.t()
+        logits_per_image = self.logit_scale.exp().to(image_embeds.dtype) * image_embeds @ text_embeds.t()  # [I, T]
+        logits_per_text = logits_per_image.t()  # [T, I]
         loss = clip_loss(logits_per_text) if return_loss else None
 
         output = CLIPVizOutput(

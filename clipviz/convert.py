@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from clipviz import hub_repo, model_card, push, sources, verify
+from clipviz.checkpoint_io import refuse_aliased_tensors
 from clipviz.convert_options import ConvertOptions
 from clipviz.memory import release_memory, return_freed_memory_promptly
 from clipviz.state_dict import (
@@ -70,13 +71,14 @@ def convert_checkpoint(options: ConvertOptions) -> ConversionResult:
     `options.output_dir` unless every step up to verification succeeded."""
     started = time.perf_counter()
     output_dir = Path(options.output_dir).expanduser().resolve()
-    hub_repo.check_output_dir(output_dir, options.overwrite)
+    inputs = _input_paths(options)
+    hub_repo.check_output_dir(output_dir, options.overwrite, inputs)
     if options.push_to_hub:
         _check_repo_id(options.push_to_hub)
         _status(f"Hub account: {push.check_token()}")
     dtype = hub_repo.DTYPES[options.dtype]
     return_freed_memory_promptly()
-    with hub_repo.staged_folder(output_dir, options.overwrite) as staging:
+    with hub_repo.staged_folder(output_dir, options.overwrite, inputs) as staging:
         written = _read_convert_write(options, staging, dtype)
         release_memory()  # the source tensors are gone: the reloaded model is the only copy from here on
         _status("Verifying: reloading the folder with AutoModel.from_pretrained(trust_remote_code=True)")
@@ -111,6 +113,16 @@ def convert_checkpoint(options: ConvertOptions) -> ConversionResult:
     return result
 
 
+def _input_paths(options: ConvertOptions) -> list[Path]:
+    """What the conversion reads from disk and must never delete: the source file or folder, the download cache."""
+    candidates = [options.source, options.cache_dir]
+    if options.openai_model and not options.cache_dir:
+        from clipviz.checkpoint_io import default_openai_cache_dir
+
+        candidates.append(default_openai_cache_dir())
+    return [Path(c).expanduser() for c in candidates if c and Path(c).expanduser().exists()]
+
+
 def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dtype) -> _Written:
     """Everything that needs the source tensors, in one scope so that they are released when it returns."""
     _status(f"Reading {options.openai_model or options.source}")
@@ -128,11 +140,13 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     )
     transformers_names = is_transformers_layout(source.state_dict)
     openai_state_dict, changes = to_openai_layout(source.state_dict, options.source_format)
+    refuse_aliased_tensors(openai_state_dict, source.description)
     source.state_dict = {}  # from here on `openai_state_dict` holds the only references to the source tensors
     if changes and not transformers_names and source.origin == "state_dict":
         source.origin = "open_clip"  # training-wrapper prefixes or custom-text keys: an open_clip checkpoint
     notes = [f"Source layout: {'; '.join(changes)}."] if changes else []
-    config = config_for_source(openai_state_dict, source, options, notes)
+    facts = verify.source_facts(source, options.text_heads, options.vision_heads, options.hidden_act)
+    config = config_for_source(openai_state_dict, source, options, notes, facts)
     with torch.device("meta"):
         model = CLIPVizModel(config)
     map_openai_state_dict(openai_state_dict, model)  # names and shapes are checked before anything is cast
@@ -143,7 +157,7 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     tokenizer = staging / "tokenizer.json"
     probe = verify.probe_inputs(config, source.image, tokenizer if tokenizer.is_file() else None)
     _status(f"Running the reference implementations on the source weights in {str(dtype).removeprefix('torch.')}")
-    references = verify.reference_outputs(openai_state_dict, config, probe, source.transformers_folder)
+    references = verify.reference_outputs(openai_state_dict, config, probe, source.transformers_folder, facts)
     records = hub_repo.write_weights(staging, mapped, dtype, options.max_shard_size)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     source_bytes = source.nbytes
@@ -152,27 +166,58 @@ def _read_convert_write(options: ConvertOptions, staging: Path, dtype: torch.dty
     )
 
 
-def config_for_source(state_dict: Mapping, source, options: ConvertOptions, notes: list[str]) -> CLIPVizConfig:
+def config_for_source(
+    state_dict: Mapping, source, options: ConvertOptions, notes: list[str], facts: verify.SourceFacts | None = None
+) -> CLIPVizConfig:
     """The architecture from the tensors' shapes, completed by what the source's files record (activation, heads,
-    LayerNorm epsilon) and by the command-line overrides, which win."""
-    activations = _activations(source, options, notes)
+    LayerNorm epsilon) and the flags (`facts`, see `verify.source_facts`). What neither states is OpenAI's value:
+    for a source that is not OpenAI's own checkpoint, each such assumption is printed and noted for the card."""
+    facts = facts or verify.source_facts(source, options.text_heads, options.vision_heads, options.hidden_act)
+    activations = _activations(source, options)
     config = config_from_openai_state_dict(
-        state_dict,
-        hidden_act=activations["text"],
-        text_heads=options.text_heads or source.text_heads,
-        vision_heads=options.vision_heads or source.vision_heads,
+        state_dict, hidden_act=activations["text"], text_heads=facts.text_heads, vision_heads=facts.vision_heads
     )
     text, vision = config.text_config, config.vision_config
     if vision.backbone == "vit":
         vision.hidden_act = activations["vision"]
-    if source.layer_norm_eps is not None:
-        text.layer_norm_eps = vision.layer_norm_eps = source.layer_norm_eps
+    if facts.layer_norm_eps is not None:
+        text.layer_norm_eps = vision.layer_norm_eps = facts.layer_norm_eps
     text.validate_architecture()
     vision.validate_architecture()
+    assumed = [] if source.openai_name else _assumptions(config, source, facts)
+    if assumed:
+        note = f"Assumed, as the checkpoint does not record them (OpenAI's values): {'; '.join(assumed)}."
+        notes.append(note)
+        _status(note)
     return config
 
 
-def _activations(source, options: ConvertOptions, notes: list[str]) -> dict[str, str]:
+def _assumptions(config: CLIPVizConfig, source, facts: verify.SourceFacts) -> list[str]:
+    """The values of `config` that nothing read stated: each with how it was derived and the flag that sets it."""
+    text, vision = config.text_config, config.vision_config
+    assumed = []
+    if facts.text_heads is None:
+        assumed.append(
+            f"text tower {model_card.count(text.num_attention_heads, 'attention head')} (width {text.hidden_size} "
+            "/ 64; --text-heads N if not)"
+        )
+    if facts.vision_heads is None:
+        assumed.append(
+            f"image tower {model_card.count(vision.num_attention_heads, 'attention head')} (width "
+            f"{vision.hidden_size} / 64; --vision-heads N if not)"
+        )
+    if not facts.hidden_act and source.origin != "openai":
+        assumed.append("MLP activation QuickGELU (--hidden-act gelu if not)")
+    if facts.layer_norm_eps is None and source.origin != "open_clip":  # open_clip's LayerNorms are PyTorch's: 1e-5
+        assumed.append(f"LayerNorm epsilon {text.layer_norm_eps:g}")
+    if not source.image.recorded:
+        assumed.append("image preprocessing (OpenAI's mean, std and bicubic resizing)")
+    if source.origin != "transformers":
+        assumed.append(f"start/end-of-text ids {text.vocab_size - 2}/{text.vocab_size - 1} (the vocabulary's last two)")
+    return assumed
+
+
+def _activations(source, options: ConvertOptions) -> dict[str, str]:
     """The MLP activation cannot be read from the weights: flags, then the source's config, then its origin."""
     if options.hidden_act:
         return {"text": options.hidden_act, "vision": options.hidden_act}
@@ -184,8 +229,6 @@ def _activations(source, options: ConvertOptions, notes: list[str]) -> dict[str,
             "open_clip models use GELU unless they were trained with QuickGELU (configs named *-quickgelu, and "
             "OpenAI's own weights). Pass --hidden-act gelu or --hidden-act quick_gelu."
         )
-    if source.origin != "openai":
-        notes.append("Activation assumed to be OpenAI's QuickGELU (the checkpoint does not record it).")
     return {"text": "quick_gelu", "vision": "quick_gelu"}
 
 
@@ -212,17 +255,18 @@ def _architecture_key(config: CLIPVizConfig) -> tuple:
 
 
 def architecture_rows(config: CLIPVizConfig, parameters: int) -> list[tuple[str, str]]:
+    count = model_card.count
     text, vision = config.text_config, config.vision_config
     size = f"{vision.image_size}×{vision.image_size} px"
     if vision.backbone == "vit":
         image = (
-            f"ViT, {size}, patch {vision.patch_size}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-            f"{vision.num_attention_heads} heads"
+            f"ViT, {size}, patch {vision.patch_size}, {count(vision.num_hidden_layers, 'layer')}, width "
+            f"{vision.hidden_size}, {count(vision.num_attention_heads, 'head')}"
         )
     else:
         image = (
             f"ModifiedResNet, {size}, blocks {list(vision.resnet_layers)}, width {vision.resnet_width}, attention pool "
-            f"with {vision.num_attention_heads} heads"
+            f"with {count(vision.num_attention_heads, 'head')}"
         )
     activation = (
         text.hidden_act
@@ -234,7 +278,8 @@ def architecture_rows(config: CLIPVizConfig, parameters: int) -> list[tuple[str,
         ("Image tower", image),
         (
             "Text tower",
-            f"{text.num_hidden_layers} layers, width {text.hidden_size}, {text.num_attention_heads} heads, context "
+            f"{count(text.num_hidden_layers, 'layer')}, width {text.hidden_size}, "
+            f"{count(text.num_attention_heads, 'head')}, context "
             f"{text.max_position_embeddings}, vocabulary {text.vocab_size}",
         ),
         ("Embedding size", str(config.projection_dim)),
@@ -249,6 +294,7 @@ def _card_info(options, output_dir, written, report, dtype, weight_files, weight
     name = architecture_name(config)
     notes = list(written.notes)
     known_openai = source.origin == "openai" or (source.base_model or "").startswith("openai/")
+    openai_weights = source.openai_name is not None or (source.base_model or "").startswith("openai/")
     license_ = options.license or source.license or ("mit" if known_openai else "other")
     if license_ == "other" and not (options.license or source.license):
         notes.append("The source does not record its license; pass --license to state it.")
@@ -269,6 +315,7 @@ def _card_info(options, output_dir, written, report, dtype, weight_files, weight
         bos_eos=(config.text_config.vocab_size - 2, config.text_config.vocab_size - 1),
         extra_tags=list(options.tags),
         notes=notes,
+        openai_weights=openai_weights,
     )
 
 

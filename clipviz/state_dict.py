@@ -115,8 +115,8 @@ def config_from_openai_state_dict(
     """The architecture of an OpenAI CLIP state dict, inferred from tensor shapes as OpenAI's `build_model` does.
 
     `hidden_act` ("quick_gelu" as OpenAI, or "gelu" for some open_clip models) applies to both towers. Head
-    counts are not stored in checkpoints: OpenAI's rule (64-wide heads) applies unless `text_heads` /
-    `vision_heads` say otherwise. Other `overrides` are top-level config fields.
+    counts are not in a state dict's shapes: OpenAI's rule (64-wide heads) applies unless `text_heads` /
+    `vision_heads` say otherwise (the converter passes what a TorchScript archive or a config records). Other `overrides` are top-level config fields.
     """
     if "visual.proj" in state_dict:
         conv = _require(state_dict, "visual.conv1.weight")
@@ -181,6 +181,12 @@ def map_openai_state_dict(state_dict: Mapping[str, torch.Tensor], model: CLIPViz
             raise CheckpointKeyError(
                 f"`{key}` has shape {tuple(tensor.shape)} but `{target}` of the inferred {backbone} architecture "
                 f"needs {tuple(expected[target].shape)}."
+            )
+        if tensor.is_floating_point() != expected[target].is_floating_point() or tensor.is_complex():
+            kind = "floating-point" if expected[target].is_floating_point() else "integer"
+            raise CheckpointKeyError(
+                f"`{key}` holds {str(tensor.dtype).removeprefix('torch.')} values but `{target}` needs {kind} "
+                "values: the checkpoint is damaged or not a CLIP model."
             )
         mapped[target] = tensor
     if unknown:

@@ -549,15 +549,18 @@ def test_staged_folder_replaces_only_on_success(tmp_path):
         (staging / "half.bin").write_bytes(b"x")
         raise RuntimeError("boom")
     assert not target.exists() and no_leftovers(target)
-    with hub_repo.staged_folder(target, overwrite=False) as staging:
-        (staging / "a.txt").write_text("1")
+    with hub_repo.staged_folder(target, overwrite=False) as staging:  # --overwrite replaces only a conversion
+        (staging / "config.json").write_text('{"model_type": "clipviz"}')
+        (staging / "README.md").write_text("1")
     with hub_repo.staged_folder(target, overwrite=True) as staging:
-        (staging / "b.txt").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and no_leftovers(target)
+        (staging / "config.json").write_text('{"model_type": "clipviz"}')
+        (staging / "model.safetensors").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"] and no_leftovers(target)
     hub_repo.staging_path(target.resolve()).mkdir()  # a conversion killed before it could clean up
     with pytest.raises(hub_repo.OutputFolderError, match="delete that folder"):
         with hub_repo.staged_folder(target, overwrite=True):
             pass
-    assert (target / "b.txt").is_file()
+    assert (target / "model.safetensors").read_text() == "2"
+    hub_repo.staging_path(target.resolve()).rmdir()
     assert hub_repo.plan_shards({"a": 5, "b": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
     assert hub_repo.parse_size("2GB") == 2 * 10**9 and hub_repo.parse_size("1GiB") == 2**30

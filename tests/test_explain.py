@@ -280,13 +280,14 @@ def test_text_maps_are_zero_after_end_of_text_without_a_mask(vit):
     assert (result.text_maps[:, ~after] > 0).any()
 
 
-def test_frozen_parameters_and_no_grad_context_still_give_gradient_maps():
+@pytest.mark.parametrize("start", [0, -1])  # -1: the last block rerun for the class token alone
+def test_frozen_parameters_and_no_grad_context_still_give_gradient_maps(start):
     model = tiny_model("vit")
     px = pixels("vit")
-    expected = model.explain(px, IDS, method="relevance", start_layer=0)
+    expected = model.explain(px, IDS, method="relevance", start_layer=start)
     model.requires_grad_(False)
     with torch.no_grad():
-        frozen = model.explain(px, IDS, method="relevance", start_layer=0)
+        frozen = model.explain(px, IDS, method="relevance", start_layer=start)
     torch.testing.assert_close(frozen.image_maps, expected.image_maps)
     torch.testing.assert_close(frozen.text_maps, expected.text_maps)
     assert len(model.text_model.token_embedding._forward_hooks) == 0  # the helper hook is removed again

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 # ---- Registry ----
@@ -444,27 +443,6 @@ def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
     return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
 
 
-def _class_token_attention(block, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The class token's attention row in a ViT block, computed from the block's input `[I, N, D]` as the block
-    computes it, for that one query. Returns the row `[I, heads, 1, N]` and the values `[I, heads, N, head_dim]`."""
-    modeling = modeling_module()
-    attention, width = block.self_attn, hidden.shape[-1]
-    qkv, normed = attention.qkv_proj, block.ln_1(hidden)  # fused q, k, v along the output dimension
-    query = F.linear(normed[:, :1], qkv.weight[:width], qkv.bias[:width])  # [I, 1, D]
-    key, value = F.linear(normed, qkv.weight[width:], qkv.bias[width:]).chunk(2, dim=-1)  # 2 x [I, N, D]
-    query, key, value = (modeling._split_heads(t, attention.num_heads) for t in (query, key, value))  # [I, h, 1|N, hd]
-    return modeling.multi_head_attention(query, key, value, need_weights=True)[1], value
-
-
-def _class_token_through_block(block, hidden: torch.Tensor, cls_weights: torch.Tensor, values: torch.Tensor):
-    """A ViT block's output at the class token `[I, D]` as a function of that token's attention row: the operations
-    of `CLIPVizResidualAttentionBlock.forward` for one query. hidden: the block's input `[I, N, D]`; cls_weights
-    `[I, heads, 1, N]` and values `[I, heads, N, head_dim]` as `_class_token_attention` gives them."""
-    context = cls_weights.to(values.dtype) @ values  # [I, heads, 1, head_dim]
-    x = hidden[:, :1] + block.self_attn.out_proj(modeling_module()._merge_heads(context))  # [I, 1, D]
-    return (x + block.mlp(block.ln_2(x)))[:, 0]  # [I, D]
-
-
 # ---- Methods: each returns (image_maps [I, T, gh, gw], text_maps [I, T, L]) before scaling ----
 
 
@@ -527,17 +505,16 @@ def _last_layer_relevance(model, inputs: ExplainInputs) -> torch.Tensor:
     """Chefer's image relevance over the last ViT layer alone: there `R = I + cam`, so the map is the class
     token's row of `mean_h ReLU(dy/dA * A)`, and only that row of `A` reaches the logit.
 
-    The block is recomputed for the class token alone from its detached input, so each prompt's backward
-    costs one token instead of all of them (autograd would push zero rows through every token's MLP).
-    Returns `[T, I, gh*gw]`.
+    The tower ran without attentions (on SDPA); the last block is rerun here for the class token alone
+    (`num_queries=1`) from its detached input, so each prompt's backward costs one token instead of all of them
+    (autograd would push zero rows through every token's MLP). Returns `[T, I, gh*gw]`.
     """
     vision, block = model.vision_model, model.vision_model.encoder.layers[-1]
-    hidden = inputs.vision.hidden_states[-2].detach()  # [I, N, D]: the last block's input
-    # the tower ran on SDPA without attentions: the one row needed is computed here
-    weights, values = _class_token_attention(block, hidden)
-    weights = weights.detach().requires_grad_(True)  # [I, heads, 1, N]
+    # requires grad so that the row is in the graph even with frozen parameters; only the row's gradient is asked for
+    hidden = inputs.vision.hidden_states[-2].detach().requires_grad_(True)  # [I, N, D]: the last block's input
     with torch.enable_grad():
-        pooled = vision.ln_post(_class_token_through_block(block, hidden, weights, values.detach()))  # [I, D]
+        token, weights = block(hidden, output_attentions=True, num_queries=1)  # [I, 1, D], [I, heads, 1, N]
+        pooled = vision.ln_post(token[:, 0])  # [I, D]
         features = vision.project(pooled)  # [I, P]
         unit = features / features.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp().to(unit.dtype) * unit @ inputs.text_unit.detach().t()  # [I, T]
@@ -1085,7 +1062,7 @@ class CLIPVizExplainMixin:
                   Options: `head_fusion` (`"mean"`, `"max"`, `"min"`), `discard_ratio` (in [0, 1): the lowest
                   fraction of each fused image attention map is zeroed, never the class->class entry; the text
                   tower is rolled out without discarding). Rows are renormalized after adding the identity.
-                - `"relevance"` (the default default): Chefer et al. 2021 gradient x attention,
+                - `"relevance"` (the config's default method): Chefer et al. 2021 gradient x attention,
                   `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y` the image-prompt logit; the image
                   map is the class token's row, the text map the end-of-text token's row minus the identity.
                   Options: `start_layer` (ViT, first image layer used, default -1 = the last one, as Chefer's CLIP
@@ -1130,7 +1107,7 @@ class CLIPVizExplainMixin:
         resolved = resolve_options(method, options, self.config)
         entry = EXPLAIN_METHODS[method]
         self._check_text(input_ids, attention_mask)
-        modeling_module()._check_image_size(pixel_values, self.config.vision_config, False)
+        modeling_module()._check_image_size(pixel_values, self.config.vision_config, False, can_interpolate=False)
         inputs = ExplainInputs.from_inputs(pixel_values, input_ids, attention_mask)
         with torch.enable_grad() if entry.needs_grad else torch.no_grad():
             image_maps, text_maps = entry.function(self, inputs, resolved)
