@@ -287,7 +287,7 @@ def test_controls_follow_the_backbone(loaded):
     vit, resnet = explainer.controls(loaded["vit"]), explainer.controls(loaded["resnet"])
     assert [m for _, m in vit.methods] == list(explainer.METHODS)
     assert vit.layers == ["last", "1", "2"] and vit.heads == ["mean", "max", "1", "2", "3", "4"] and vit.has_layers
-    assert [m for _, m in resnet.methods] == ["attention", "relevance", "gradcam"] and not resnet.has_layers
+    assert [m for _, m in resnet.methods] == ["attention", "relevance", "gradcam", "maskclip"] and not resnet.has_layers
     assert "Rollout needs a stack of attention layers" in resnet.status and "ResNet" in resnet.status
 
 
