@@ -703,8 +703,9 @@ def gem_maps(model, inputs: ExplainInputs, options: dict):
 
 def _legrad_block(block, hidden: torch.Tensor, qkv: torch.Tensor, attn_mask=None):
     """A block recomputed from its input `[B, N, D]` and its kept q/k/v projection, with its attention weights as
-    a leaf that requires grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). Only the
-    paths from the weights to the output (weights times values, output projection, MLP) enter the graph."""
+    a leaf that requires grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). The
+    backward then runs only the paths from the weights to the output (weights times values, output projection,
+    MLP)."""
     modeling = modeling_module()
     query, key, value = _split_qkv(qkv, block.self_attn.num_heads)
     with torch.no_grad():
@@ -727,6 +728,12 @@ def legrad_maps(model, inputs: ExplainInputs, options: dict):
         _kept_projections(text_model.encoder.layers, text_start) as text_kept,
     ):
         encode(model, inputs, image_attentions=False, text_attentions=False, text_hidden_states=True)
+    return _legrad_image(model, inputs, start, kept), _legrad_text(model, inputs, text_start, text_kept)
+
+
+def _legrad_image(model, inputs: ExplainInputs, start: int, kept: list) -> torch.Tensor:
+    """LeGrad's image maps `[I, T, gh, gw]`, min-max scaled, from the image blocks' kept projections."""
+    vision = model.vision_model
     scores, weights = 0, []
     for index, (block, (_, qkv)) in enumerate(zip(vision.encoder.layers[start:], kept, strict=True), start):
         out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index], qkv)
@@ -734,24 +741,23 @@ def legrad_maps(model, inputs: ExplainInputs, options: dict):
         weights.append(layer_weights)
     grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "text", scores))  # [T, I, h, N, N]
     image = sum(grad.float().clamp(min=0).mean(dim=(2, 3)) for grad in grads)[..., 1:]  # [T, I, gh*gw]
-    image_maps = _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), inputs)  # [I, T, gh, gw]
+    return _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), inputs)  # [I, T, gh, gw]
 
-    hidden_states, input_ids = inputs.text.hidden_states, inputs.input_ids
+
+def _legrad_text(model, inputs: ExplainInputs, start: int, kept: list) -> torch.Tensor:
+    """LeGrad's text maps `[I, T, L]` (unscaled), from the text blocks' kept projections."""
+    text_model, hidden_states, input_ids = model.text_model, inputs.text.hidden_states, inputs.input_ids
     mask = text_model.attention_mask(input_ids, inputs.attention_mask, hidden_states[0].dtype)
     rows, eot = torch.arange(input_ids.shape[0], device=input_ids.device), input_ids.argmax(dim=-1)
-    text_scores, text_weights = 0, []
-    for index, (block, (_, qkv)) in enumerate(
-        zip(text_model.encoder.layers[text_start:], text_kept, strict=True), text_start
-    ):
+    scores, weights = 0, []
+    for index, (block, (_, qkv)) in enumerate(zip(text_model.encoder.layers[start:], kept, strict=True), start):
         out, layer_weights = _legrad_block(block, hidden_states[index], qkv, mask)
         pooled = text_model.ln_final(out[rows, eot])  # [T, D]: each prompt's end-of-text token
         features = pooled @ model.text_projection.to(pooled.dtype)  # [T, P]
-        text_scores = text_scores + inputs.image_unit @ _unit(features).t()  # [I, T]
-        text_weights.append(layer_weights)
-    cotangents = _one_hot_cotangents(*text_scores.shape, "image", text_scores)
-    text_grads = _batched_grads(text_scores, text_weights, cotangents)  # each [I, T, heads, L, L]
-    text_maps = sum(_text_query_mean(grad.float().clamp(min=0), inputs) for grad in text_grads)  # [I, T, L]
-    return image_maps, text_maps
+        scores = scores + inputs.image_unit @ _unit(features).t()  # [I, T]
+        weights.append(layer_weights)
+    grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "image", scores))  # [I, T, h, L, L]
+    return sum(_text_query_mean(grad.float().clamp(min=0), inputs) for grad in grads)  # [I, T, L]
 
 
 def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
