@@ -14,6 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModel
 
 from clipviz.state_dict import from_openai_state_dict
 from configuration_clipviz import CLIPVizConfig
@@ -81,17 +82,18 @@ def cosines(ours: torch.Tensor, expected: torch.Tensor, map_dims: int = 2) -> to
 
 @pytest.fixture(scope="module")
 def open_clip_pair(tmp_path_factory):
-    """(the open_clip model, the same weights converted by clipviz-convert, prompts, images)."""
+    """(the open_clip model, the same weights converted by clipviz-convert, prompts, images, the converted folder)."""
     authors_packages()
     reference = random_open_clip()
-    ours = convert_open_clip(reference, tmp_path_factory.mktemp("open-clip"))
+    folder = tmp_path_factory.mktemp("open-clip")
+    ours = convert_open_clip(reference, folder)
     ids = token_ids(3)
-    return reference, ours, ids, pixels(2, VISION_CFG["image_size"])
+    return reference, ours, ids, pixels(2, VISION_CFG["image_size"]), folder / "converted"
 
 
 @pytest.mark.parametrize("start_layer", [None, 0, -1])
 def test_legrad_matches_the_authors_wrapper(open_clip_pair, start_layer):
-    reference, ours, ids, images = open_clip_pair
+    reference, ours, ids, images, _ = open_clip_pair
     layer_index = -2 if start_layer is None else start_layer  # None: our default, the wrapper's default
     wrapper = authors_packages().legrad.LeWrapper(copy.deepcopy(reference), layer_index=layer_index)
     text_embedding = F.normalize(reference.encode_text(ids), dim=-1).detach()
@@ -110,7 +112,7 @@ def test_legrad_matches_the_authors_wrapper(open_clip_pair, start_layer):
     ids=["default", "depth3", "depth2", "two-rounds", "fixed-temperature"],
 )
 def test_gem_matches_the_authors_wrapper(open_clip_pair, options):
-    reference, ours, ids, images = open_clip_pair
+    reference, ours, ids, images, _ = open_clip_pair
     depth = min(options.get("depth", 7), VISION_CFG["layers"] + 1)  # ours clips the default 7; theirs needs <= 4
     wrapper = authors_packages().gem.GEMWrapper(
         copy.deepcopy(reference),
@@ -124,6 +126,18 @@ def test_gem_matches_the_authors_wrapper(open_clip_pair, options):
     maps = ours.explain(images, ids, method="gem", **options).image_maps
     upsampled = min_max(F.interpolate(maps, size=expected.shape[-2:], mode="bilinear"))
     assert cosines(upsampled, expected).min() >= 0.999
+
+
+def test_the_converted_folders_remote_code_gives_the_same_maps(open_clip_pair):
+    """The methods ship with the converted folder (`explaining_clipviz.py` as Hub remote code)."""
+    _, ours, ids, images, folder = open_clip_pair
+    remote = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(remote).__module__ != type(ours).__module__  # the folder's copy of the code, not the checkout's
+    for method in NEW_METHODS["vit"]:
+        expected = ours.explain(images, ids, method=method)
+        result = remote.explain(images, ids, method=method)
+        torch.testing.assert_close(result.image_maps, expected.image_maps)
+        torch.testing.assert_close(result.text_maps, expected.text_maps)
 
 
 # ---- the papers' formulas on OpenAI's clip/model.py: MaskCLIP and ClearCLIP ----
