@@ -351,6 +351,22 @@ def test_overlay_keeps_the_image_size_and_blends_only_the_centre_crop():
     assert overlay(image, heat, colormap="gray").size == (80, 50)
 
 
+def test_overlay_fade_style_leaves_low_values_as_the_image():
+    """The "fade" style weights each pixel by alpha x value: where the map is 0 the image is unchanged, at the peak
+    it is the full style's blend."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 1.0  # one hot corner; the rest of the map is 0
+    faded = np.asarray(overlay(image, heat, alpha=0.8, style="fade")).astype(int)
+    full = np.asarray(overlay(image, heat, alpha=0.8, style="full")).astype(int)
+    original = image.astype(int)
+    assert np.abs(faded[-10:, -10:] - original[-10:, -10:]).max() <= 1  # the cold corner: the plain image
+    assert np.abs(full[-10:, -10:] - original[-10:, -10:]).max() > 20  # the full style colours it anyway
+    assert np.abs(faded[0, 0] - full[0, 0]).max() <= 30  # near the peak both blend about the same
+    with pytest.raises(ValueError, match="Unknown overlay style 'soft'; valid styles: full, fade"):
+        overlay(image, heat, style="soft")
+
+
 def test_overlay_rejects_bad_arguments():
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="jet, viridis, inferno, gray"):
