@@ -108,8 +108,15 @@ def test_legrad_matches_the_authors_wrapper(open_clip_pair, start_layer):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"depth": 3}, {"depth": 2}, {"depth": 3, "ss_attn_iter": 2}, {"depth": 3, "ss_attn_temp": 3.0}],
-    ids=["default", "depth3", "depth2", "two-rounds", "fixed-temperature"],
+    [
+        {},
+        {"depth": 3},
+        {"depth": 2},
+        {"depth": 3, "ss_attn_iter": 2},
+        {"depth": 3, "ss_attn_iter": 0},
+        {"depth": 3, "ss_attn_temp": 3.0},
+    ],
+    ids=["default", "depth3", "depth2", "two-rounds", "no-extra-round", "fixed-temperature"],
 )
 def test_gem_matches_the_authors_wrapper(open_clip_pair, options):
     reference, ours, ids, images, _ = open_clip_pair
@@ -333,7 +340,7 @@ def test_gem_depth_beyond_the_model_runs_through_every_block():
     "backbone,method,options,message",
     [
         ("vit", "gem", {"depth": 1}, "`depth`=1 must be a whole number in [2, inf)"),
-        ("vit", "gem", {"ss_attn_iter": 0}, "`ss_attn_iter`=0 must be a whole number in [1, inf)"),
+        ("vit", "gem", {"ss_attn_iter": -1}, "`ss_attn_iter`=-1 must be a whole number in [0, inf)"),
         ("vit", "gem", {"ss_attn_temp": -1.0}, "`ss_attn_temp`=-1.0 must be a number in [0, inf)"),
         ("vit", "gem", {"temperature": 1.0}, "valid options: depth, ss_attn_iter, ss_attn_temp"),
         ("vit", "legrad", {"start_layer": 2}, "`start_layer`=2 is out of range; valid values: -2 .. 1"),

@@ -937,7 +937,11 @@ register(
                 minimum=2,
             ),
             ExplainOption(
-                "ss_attn_iter", "int", 1, "rounds of self-self attention before it is applied to the values", minimum=1
+                "ss_attn_iter",
+                "int",
+                1,
+                "rounds of self-self attention before the last one, which is applied to the values (0: that one only)",
+                minimum=0,
             ),
             ExplainOption(
                 "ss_attn_temp",
