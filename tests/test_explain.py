@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipviz.rendering import overlay
+from clipviz.state_dict import transformers_clip_config
 from configuration_clipviz import CLIPVizConfig
 from explaining_clipviz import CLIPVizExplanationOutput, _discard_lowest
 from modeling_clipviz import CLIPVizModel
@@ -423,31 +424,7 @@ def to_transformers_state_dict(model: CLIPVizModel) -> dict[str, torch.Tensor]:
 
 def transformers_twin(model: CLIPVizModel):
     transformers = pytest.importorskip("transformers")
-    text, vision = model.config.text_config, model.config.vision_config
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            max_position_embeddings=text.max_position_embeddings,
-            hidden_act=text.hidden_act,
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            pad_token_id=text.pad_token_id,
-        ),
-        vision_config=dict(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            hidden_act=vision.hidden_act,
-        ),
-        projection_dim=model.config.projection_dim,
-    )
+    config = transformers_clip_config(model.config)
     twin = transformers.CLIPModel._from_config(config, attn_implementation="eager").eval()
     missing, unexpected = twin.load_state_dict(to_transformers_state_dict(model), strict=False)
     assert not unexpected and all("position_ids" in key for key in missing), (missing, unexpected)
