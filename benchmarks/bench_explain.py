@@ -15,7 +15,8 @@ ModifiedResNet CLIP, so RN50's naive row is our own model with a full `backward(
 
 Usage::
 
-    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50]
+    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50] [--methods gem legrad]
+        [--clock wall|cpu]
     python benchmarks/bench_explain.py --tiny --repeats 1   # seconds: 2-layer towers, 64 px, checks every row runs
 """
 
@@ -87,19 +88,27 @@ def prompts(count: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def timed_interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over ``repeats`` rounds, after a warm-up round.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_interleaved(
+    functions: dict[str, Callable[[], object]], repeats: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Best time of each function over ``repeats`` rounds, after a warm-up round.
 
     Rounds visit every function in turn, so a burst of load from other processes hits all of them alike, and the
-    minimum is the least disturbed measurement of each.
+    minimum is the least disturbed measurement of each. ``clock="cpu"`` counts this process's CPU time instead of
+    wall time: with one thread, time spent waiting for a core that other processes hold is left out (for a shared
+    machine; with several threads it sums their work).
     """
+    now = CLOCKS[clock]
     best = {name: float("inf") for name in functions}
     for round_index in range(repeats + 1):
         for name, function in functions.items():
-            started = time.perf_counter()
+            started = now()
             function()
             if round_index:  # round 0 warms up
-                best[name] = min(best[name], time.perf_counter() - started)
+                best[name] = min(best[name], now() - started)
     return best
 
 
@@ -152,26 +161,36 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f" {key}={value}" for key, value in options.items())
 
 
-def bench(preset: str, repeats: int, counts: tuple[int, ...], tiny: bool = False) -> list[tuple[str, dict[int, float]]]:
-    """Rows of (name, {prompt count: seconds})."""
+def bench(
+    preset: str,
+    repeats: int,
+    counts: tuple[int, ...],
+    only: list[str] | None = None,
+    clock: str = "wall",
+    tiny: bool = False,
+) -> list[tuple[str, dict[int, float]]]:
+    """Rows of (name, {prompt count: seconds}); `only`: just these methods (the naive row comes with
+    "relevance")."""
     model = build(preset, tiny)
     size = model.config.vision_config.image_size
     px = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     inputs = {count: prompts(count, model.config.text_config.vocab_size) for count in counts}
     rows = {"our plain forward (sdpa, no grad)": lambda ids: plain_forward(model, px, ids)}
-    for method, options in methods(model.config.vision_config.backbone):
+    chosen = [(m, o) for m, o in methods(model.config.vision_config.backbone) if only is None or m in only]
+    for method, options in chosen:
         rows[f"explain {label(method, options)}"] = lambda ids, m=method, o=options: model.explain(
             px, ids, method=m, **o
         )
-    if model.config.vision_config.backbone == "vit":
+    naive = only is None or "relevance" in only
+    if naive and model.config.vision_config.backbone == "vit":
         twin = transformers_twin(model)
         rows["naive: transformers CLIPModel eager + backward per prompt (relevance)"] = lambda ids: naive_transformers(
             twin, px, ids
         )
-    else:
+    elif naive:
         rows["naive: full backward per prompt (relevance)"] = lambda ids: naive_resnet(model, px, ids)
     functions = {(name, c): (lambda f=f, c=c: f(inputs[c])) for name, f in rows.items() for c in counts}
-    best = timed_interleaved(functions, repeats)
+    best = timed_interleaved(functions, repeats, clock)
     return [(name, {c: best[(name, c)] for c in counts}) for name in rows]
 
 
@@ -196,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="shrunk towers: checks every row runs, times mean nothing")
+    parser.add_argument("--methods", nargs="+", help="time only these methods (e.g. --methods gem maskclip)")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time (a shared machine, --threads 1)"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.threads < 1:
         parser.error("--repeats and --threads must be at least 1")
@@ -203,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = (1, 8)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1 image, prompts of {PROMPT_LENGTH} tokens; "
-        f"best of {args.repeats} interleaved rounds"
+        f"best of {args.repeats} interleaved rounds, {args.clock} time"
     )
     for preset in args.models:
-        rows = bench(preset, args.repeats, counts, args.tiny)
+        rows = bench(preset, args.repeats, counts, args.methods, args.clock, args.tiny)
         print()
         print(format_rows(preset + (" (tiny)" if args.tiny else ""), rows, counts), flush=True)
     return 0
