@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from clipviz import hub_repo, model_card, push, sources, verify
+from clipviz import explain_defaults, hub_repo, model_card, push, sources, verify
 from clipviz.checkpoint_io import refuse_aliased_tensors
 from clipviz.convert_options import ConvertOptions
 from clipviz.memory import release_memory, return_freed_memory_promptly
@@ -189,6 +189,7 @@ def config_for_source(
         note = f"Assumed, as the checkpoint does not record them (OpenAI's values): {'; '.join(assumed)}."
         notes.append(note)
         _status(note)
+    explain_defaults.apply(config)  # a real checkpoint: the explanation published benchmarks support
     return config
 
 
@@ -316,6 +317,7 @@ def _card_info(options, output_dir, written, report, dtype, weight_files, weight
         extra_tags=list(options.tags),
         notes=notes,
         openai_weights=openai_weights,
+        explain_default=explain_defaults.card_text(config),
     )
 
 

@@ -43,6 +43,7 @@ class CardInfo:
     extra_tags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     openai_weights: bool = False  # the weights are OpenAI's own (a published checkpoint or its Hub copy)
+    explain_default: str = ""  # what `model.explain` runs without `method=`, and why (clipviz.explain_defaults)
 
 
 def count(n: int, noun: str) -> str:
@@ -58,6 +59,7 @@ def render(info: CardInfo) -> str:
         _introduction(info),
         "## Usage\n",
         _snippet(info),
+        *(["## Explanations\n", f"{info.explain_default}\n"] if info.explain_default else []),
         "## Architecture\n",
         _architecture_table(info),
         "## Conversion checks\n",

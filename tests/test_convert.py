@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoProcessor
 
-from clipviz import checkpoint_io, hub_repo, verify
+from clipviz import checkpoint_io, explain_defaults, hub_repo, verify
 from clipviz.state_dict import (
     IGNORED_OPENAI_KEYS,
     CheckpointKeyError,
@@ -564,3 +564,24 @@ def test_staged_folder_replaces_only_on_success(tmp_path):
     hub_repo.staging_path(target.resolve()).rmdir()
     assert hub_repo.plan_shards({"a": 5, "b": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
     assert hub_repo.parse_size("2GB") == 2 * 10**9 and hub_repo.parse_size("1GiB") == 2**30
+
+
+def test_converted_models_default_to_the_published_explanation(converted):
+    """A converted checkpoint's `explain()` without `method=` runs what published benchmarks support (ViT: LeGrad
+    with its authors' settings), written into config.json and cited in the model card."""
+    for backbone in ("vit", "resnet"):
+        folder, expected = converted[backbone][0], explain_defaults.CONVERTED[backbone]
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["explain_method"], config["explain_options"]) == (expected.method, expected.options)
+        card = (folder / "README.md").read_text()
+        assert "## Explanations" in card and expected.evidence in card
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        vocab, size = model.config.text_config.vocab_size, model.config.vision_config.image_size
+        ids = torch.tensor([[vocab - 2, 1, 2, vocab - 1]])
+        pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+        default = model.explain(pixels, ids)
+        chosen = model.explain(pixels, ids, method=expected.method, **expected.options)
+        torch.testing.assert_close(default.image_maps, chosen.image_maps)
+        assert torch.isfinite(default.image_maps).all() and default.image_maps.amax() > 0
+    assert explain_defaults.CONVERTED["vit"].method == "legrad"
+    assert "arXiv 2404.03214" in explain_defaults.CONVERTED["vit"].evidence
