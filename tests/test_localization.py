@@ -140,3 +140,11 @@ def test_scores_are_fractions(bench, results):
         values = np.array([metrics[name] for name in bench.LOCALIZATION])
         assert np.all((values >= 0) & (values <= 1))
         assert np.isfinite([metrics["del↓"], metrics["ins↑"]]).all()
+
+
+def test_the_saved_default_is_the_one_training_writes(loaded):
+    """config.json's default explanation is `train_embedded.EXPLAIN_DEFAULTS` (so a retrained model keeps it)."""
+    from clipviz.train_embedded import EXPLAIN_DEFAULTS
+
+    config = loaded.model.config
+    assert (config.explain_method, config.explain_options) == EXPLAIN_DEFAULTS[loaded.backbone]
