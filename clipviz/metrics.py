@@ -38,7 +38,8 @@ def cell_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     height, width = mask.shape
     if height % grid_h or width % grid_w:
         raise ValueError(f"mask {height}x{width} does not split into a {grid_h}x{grid_w} grid of equal cells")
-    cells = np.asarray(mask, dtype=np.float64).reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
+    mask = np.asarray(mask, dtype=np.float64)
+    cells = mask.reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
     return cells.mean(axis=(1, 3))
 
 
@@ -95,9 +96,42 @@ def score_scene(
 
 
 def upsample(heat: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of a ``[gh, gw]`` map to ``size`` = (H, W), as float32 (half-pixel centres)."""
-    grid = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]  # [1, 1, gh, gw]
+    """Bilinear upsampling of a ``[gh, gw]`` map to ``size`` = (H, W), as float32 (half-pixel centres); a map
+    already of that size is returned as it is."""
+    values = np.asarray(heat, dtype=np.float32)
+    if values.shape == tuple(size):
+        return values
+    grid = torch.from_numpy(values)[None, None]  # [1, 1, gh, gw]
     return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def crop_region(height: int, width: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, region_h, region_w): the centred part of an image that a map of ``grid``'s aspect ratio covers
+    after the processor's resize of the short side and centre crop (the whole image for a square one)."""
+    grid_h, grid_w = grid
+    region_w = min(width, round(height * grid_w / grid_h))
+    region_h = min(height, round(region_w * grid_h / grid_w))
+    return (height - region_h) // 2, (width - region_w) // 2, region_h, region_w
+
+
+def place_on_image(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A ``[gh, gw]`` map on its original image ``[height, width]``: bilinear over :func:`crop_region`, 0 elsewhere."""
+    top, left, region_h, region_w = crop_region(height, width, heat.shape)
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top : top + region_h, left : left + region_w] = upsample(heat, (region_h, region_w))
+    return out
+
+
+def mask_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fraction of each grid cell covered by an image's mask, over the :func:`crop_region` the map sees:
+    :func:`cell_coverage` when the region splits into equal cells, area resampling otherwise."""
+    mask = np.asarray(mask, dtype=bool)
+    top, left, region_h, region_w = crop_region(*mask.shape, grid)
+    region = mask[top : top + region_h, left : left + region_w]
+    if region_h % grid[0] == 0 and region_w % grid[1] == 0:
+        return cell_coverage(region, grid)
+    pixels = torch.from_numpy(region.astype(np.float32))[None, None]  # [1, 1, h, w]
+    return F.adaptive_avg_pool2d(pixels, grid)[0, 0].double().numpy()
 
 
 def min_max(values: np.ndarray) -> np.ndarray:
