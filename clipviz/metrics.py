@@ -64,24 +64,25 @@ def energy_in_mask(heat: np.ndarray, coverage: np.ndarray) -> float:
 
 
 def score_scene(
-    maps: np.ndarray, coverages: Sequence[np.ndarray], colors: Sequence[str] | None = None
+    maps: np.ndarray, coverages: Sequence[np.ndarray], colors: Sequence[str] | None = None, tolerance: int = 1
 ) -> dict[str, list[float]]:
     """Metrics of one scene. ``maps[k]``: the map for object k's prompt ``[gh, gw]``; ``coverages[k]``: object k's
     cell coverage; ``colors[k]``: its colour (``same-col`` / ``uniq-col`` are skipped without colours).
 
-    ``point``: strict pointing game; ``point±1``: with a tolerance of one cell; ``energy``: energy in the mask;
+    ``point``: strict pointing game; ``point±1``: with a tolerance of one cell (``point±{tolerance}``); ``energy``: energy in the mask;
     ``wrong``: the argmax cell overlaps another object but not the named one; ``pair``: for objects A != B, the map
     for A puts more mass on A than the map for B does (ties 1/2: a prompt-independent map scores 0.5);
     ``same-col`` / ``uniq-col``: strict pointing on objects whose colour is shared / unique in the scene.
     Returns a list of per-map (or per-pair) values for every metric.
     """
-    out = {metric: [] for metric in SCENE_METRICS}
+    loose = f"point±{tolerance}"
+    out = {loose if metric == "point±1" else metric: [] for metric in SCENE_METRICS}
     energy = np.array([[energy_in_mask(m, cov) for cov in coverages] for m in maps])  # [maps, objects]
     for k, heat in enumerate(maps):
         top = int(np.argmax(heat))
         touches = [cov.flat[top] > 0 for cov in coverages]
         out["point"].append(float(touches[k]))
-        out["point±1"].append(float(pointing_game(heat, coverages[k], tolerance=1)))
+        out[loose].append(float(pointing_game(heat, coverages[k], tolerance)))
         out["energy"].append(float(energy[k, k]))
         out["wrong"].append(float(not touches[k] and any(t for j, t in enumerate(touches) if j != k)))
         if colors is not None:
@@ -253,27 +254,22 @@ def gaussian_blur(pixel_values: torch.Tensor, kernel: int = 11, sigma: float = 5
     return F.conv2d(x, weights.view(1, 1, kernel, 1).expand(channels, 1, kernel, 1), groups=channels)  # along H
 
 
-def perturbation_curve(
-    score: Callable[[torch.Tensor], torch.Tensor],
+def perturbation_images(
     pixel_values: torch.Tensor,
     heat: np.ndarray | torch.Tensor,
     mode: str = "deletion",
     steps: int = 16,
     baseline: torch.Tensor | None = None,
-) -> np.ndarray:
-    """The model's score as pixels are deleted (or inserted) in the order of the map, most important first.
+) -> torch.Tensor:
+    """The images of a deletion or insertion curve: ``[steps + 1, 3, H, W]``.
 
     Args:
-        score: maps a batch of images ``[K, 3, H, W]`` to one score each ``[K]`` (e.g. the prompt's logit).
         pixel_values: the processed image ``[3, H, W]``.
         heat: its map ``[gh, gw]``, upsampled bilinearly to ``H x W`` to rank the pixels (ties: row-major order).
-        mode: ``"deletion"`` (start from the image, replace pixels by the baseline; default baseline: zeros, i.e.
-            the processor's mean colour) or ``"insertion"`` (start from the baseline, put pixels back; default
-            baseline: the image blurred as in RISE).
-        steps: the curve has ``steps + 1`` points, at 0, 1/steps, ..., 1 of the pixels changed.
-
-    Returns:
-        ``[steps + 1]`` scores; all images of the curve go through ``score`` in one batch.
+        mode: ``"deletion"`` (start from the image, replace pixels by the baseline, most important first; default
+            baseline: zeros, i.e. the processor's mean colour) or ``"insertion"`` (start from the baseline, put the
+            most important pixels back first; default baseline: the image blurred as in RISE).
+        steps: image ``k`` has ``k / steps`` of the pixels changed.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
@@ -289,7 +285,20 @@ def perturbation_curve(
     changed = (rank[None, :] < counts[:, None]).view(steps + 1, 1, height, width)  # [K, 1, H, W]
     changed = changed.to(pixel_values.device)
     start, end = (pixel_values, baseline) if mode == "deletion" else (baseline, pixel_values)
-    images = torch.where(changed, end[None], start[None])  # [K, 3, H, W]
+    return torch.where(changed, end[None], start[None])  # [K, 3, H, W]
+
+
+def perturbation_curve(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values: torch.Tensor,
+    heat: np.ndarray | torch.Tensor,
+    mode: str = "deletion",
+    steps: int = 16,
+    baseline: torch.Tensor | None = None,
+) -> np.ndarray:
+    """The model's score along a deletion or insertion curve (:func:`perturbation_images`): ``[steps + 1]``.
+    ``score`` maps a batch of images ``[K, 3, H, W]`` to one score each ``[K]`` (e.g. the prompt's logit)."""
+    images = perturbation_images(pixel_values, heat, mode, steps, baseline)
     return score(images).detach().float().cpu().numpy()
 
 
