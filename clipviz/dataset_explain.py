@@ -57,7 +57,11 @@ class MethodSpec:
     def label(self) -> str:
         if not self.options:
             return self.name
-        return self.name + ":" + ",".join(f"{key}={json.dumps(value)}" for key, value in sorted(self.options.items()))
+        shown = (
+            f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+            for key, value in sorted(self.options.items())
+        )
+        return self.name + ":" + ",".join(shown)
 
 
 def parse_method(text: str) -> MethodSpec:
@@ -712,6 +716,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # the weight-loading bar too
     if args.threads:
         import torch
 
