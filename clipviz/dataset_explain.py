@@ -541,11 +541,13 @@ def explain_dataset(
     dtype: str = "float32",
     source: dict | None = None,
     progress: bool = True,
+    processor=None,
 ) -> dict:
     """Explain every row of ``dataset`` (a ``datasets.Dataset`` or ``IterableDataset``) into ``output_dir``.
 
     Args:
-        model: a model folder or Hub repo id (clipviz remote code), loaded at ``revision``.
+        model: a model folder or Hub repo id (clipviz remote code), loaded at ``revision``; or a loaded clipviz model
+            (used on its device and dtype as it is) together with its ``processor``.
         methods: method names or ``NAME:option=value,...`` strings (or :class:`MethodSpec`).
         prompts / prompt_column: a fixed prompt list for every row, or a column with each row's prompt(s) or class
             label(s), formatted with ``template`` (e.g. ``"a photo of a {}"``).
@@ -576,8 +578,14 @@ def explain_dataset(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExplainError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     check_columns(dataset, image_column, prompt_column)
+    preloaded = not isinstance(model, (str, os.PathLike))
+    if preloaded and processor is None:
+        raise ExplainError("a loaded model needs its processor: pass processor=AutoProcessor.from_pretrained(...)")
+    name = model.name_or_path if preloaded else str(model)
+    if preloaded:
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     settings = Settings(
-        model=str(model),
+        model=name,
         revision=revision,
         methods=specs,
         image_column=image_column,
@@ -592,12 +600,15 @@ def explain_dataset(
     dataset_info = describe_dataset(dataset, source)
     previous = check_resume(output, settings, dataset_info)
     state = PartialState()
-    loaded_model, processor = load_model(str(model), revision, state.device, getattr(torch, dtype))
+    if preloaded:
+        loaded_model = model.eval()
+    else:
+        loaded_model, processor = load_model(name, revision, state.device, getattr(torch, dtype))
     check_methods(loaded_model, processor, specs)
     manifest = previous or {
         "format": FORMAT_VERSION,
         "clipviz_version": clipviz_version(),
-        "model": model_info(loaded_model, str(model), revision),
+        "model": model_info(loaded_model, name, revision),
         "settings": settings.as_json(),
         "dataset": dataset_info,
         "complete": False,
