@@ -86,16 +86,15 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def method_registry(model) -> dict[str, Any] | tuple[str, ...]:
-    """The model code's ``EXPLAIN_METHODS``: a dict of method entries (``needs_grad``, ...) or, in older code, a
-    tuple of names."""
-    module = sys.modules.get(type(model).__module__)
-    registry = getattr(module, "EXPLAIN_METHODS", None)
-    if registry is None:
-        for name in list(sys.modules):  # the registry may live next to the model code (explaining_clipviz)
-            if name.endswith("explaining_clipviz") and hasattr(sys.modules[name], "EXPLAIN_METHODS"):
-                registry = sys.modules[name].EXPLAIN_METHODS
-                break
-    return registry if registry is not None else ()
+    """``EXPLAIN_METHODS`` of the model's own code (its modeling module, or ``explaining_clipviz`` next to it): a dict
+    of method entries (``needs_grad``, ...) or, in older code, a tuple of names; ``()`` when there is none."""
+    module_name = type(model).__module__
+    package = module_name.rpartition(".")[0]
+    for name in (module_name, f"{package}.explaining_clipviz" if package else "explaining_clipviz"):
+        registry = getattr(sys.modules.get(name), "EXPLAIN_METHODS", None)
+        if registry is not None:
+            return registry
+    return ()
 
 
 def needs_grad(model, method: str) -> bool:

@@ -343,3 +343,24 @@ def test_eval_errors(reference, tmp_path, capsys):
     assert "nothing to score" in capsys.readouterr().err
     assert eval_main([str(reference), "--mask-column", "segmentation"]) == 1
     assert "no column 'segmentation'" in capsys.readouterr().err
+
+
+def test_class_label_column_with_a_template(tmp_path):
+    labels = datasets.ClassLabel(names=["red square", "blue square"])
+    rows = datasets.Dataset.from_dict(
+        {"image": [{"bytes": png("red"), "path": None}, {"bytes": png("blue"), "path": None}], "label": [0, 1]},
+        features=datasets.Features({"image": datasets.Image(), "label": labels}),
+    )
+    explain_dataset(rows, tmp_path / "out", str(VIT), ["attention"], prompt_column="label",
+                    template="a photo of a {}", batch_size=2, shard_rows=2, progress=False)  # fmt: skip
+    (table,) = shard_tables(tmp_path / "out")
+    assert table.column("prompt").to_pylist() == ["a photo of a red square", "a photo of a blue square"]
+
+
+def test_method_registry_entries_decide_gradients():
+    from clipviz.dataset_explain import method_registry, needs_grad
+
+    model = load_model_and_processor(VIT)[0]
+    registry = method_registry(model)
+    assert "relevance" in registry  # the model code's own list (a tuple today, a dict of entries later)
+    assert needs_grad(model, "gradcam") and not needs_grad(model, "attention")

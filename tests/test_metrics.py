@@ -36,7 +36,7 @@ def test_score_scene_pair_and_colors():
 def test_mask_coverage_on_a_non_square_image_uses_the_crop():
     mask = np.zeros((16, 32), dtype=bool)
     mask[:, 8:16] = True  # the left half of the centred 16x16 square
-    assert crop == (0, 8, 16, 16) if (crop := metrics.crop_region(16, 32, (4, 4))) else False
+    assert metrics.crop_region(16, 32, (4, 4)) == (0, 8, 16, 16)
     np.testing.assert_array_equal(metrics.mask_coverage(mask, (4, 4)), np.repeat([[1.0, 1.0, 0.0, 0.0]], 4, axis=0))
     odd = metrics.mask_coverage(np.ones((15, 15), dtype=bool), (4, 4))  # cells of unequal size: area resampling
     np.testing.assert_allclose(odd, np.ones((4, 4)))
