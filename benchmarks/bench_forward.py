@@ -28,8 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clipviz.state_dict import from_openai_state_dict  # noqa: E402
 from configuration_clipviz import CLIPVizConfig  # noqa: E402
-from convert_weights import from_openai_state_dict  # noqa: E402
 from tests.openai_reference import randomized_openai_clip  # noqa: E402
 
 

@@ -171,7 +171,7 @@ def figure(loaded_models: list[Loaded], path: Path, count: int = 4, scale: int =
     """A PNG grid: for each model and a few held-out scenes, the image and each method's map for one object."""
     from PIL import Image, ImageDraw
 
-    from modeling_clipviz import overlay
+    from clipviz.rendering import overlay
 
     rows = []
     for loaded in loaded_models:

@@ -12,6 +12,18 @@ Checkpoints come from strangers on the internet, and a pickle can run arbitrary 
   that variable, but its purpose is to switch safe loading off, so clipviz does not bet on that detail.)
 * ``.safetensors`` files hold no code; their header is checked first so a damaged file gives a clear message.
 
+Memory is bounded by what a checkpoint declares. A TorchScript archive is read member by member: only ``data.pkl``,
+``byteorder``, the storage records ``data.pkl`` refers to, the ``code/`` files of the classes it names and, when
+a head count lives there, ``constants.pkl`` are ever decompressed; each is checked against its zip directory entry
+before a byte is inflated. ``data.pkl``/``constants.pkl`` may hold at most :data:`MAX_PICKLE_BYTES`, a ``code/``
+file :data:`MAX_CODE_BYTES`, ``byteorder`` :data:`MAX_BYTEORDER_BYTES`; a storage record must be exactly as large
+as the tensors ``data.pkl`` declares in it; and a compressed member larger than :data:`COMPRESSION_CHECK_BYTES`
+may expand at most :data:`MAX_COMPRESSION_RATIO` times (``torch.jit.save`` and ``torch.save`` never compress, and
+weights do not compress well). The peak is therefore the declared tensor bytes plus :data:`MAX_PICKLE_BYTES`.
+``torch.save`` zip archives, which ``torch.load`` reads, must hold uncompressed members only, as ``torch.save``
+writes them. Every reader refuses a tensor that repeats elements of its storage (a stride-0 or overlapping view):
+written out, such a view would turn a small file into a huge one.
+
 :func:`read_state_dict` picks the reader from the file's content, not its name.
 :func:`download_openai_checkpoint` fetches OpenAI's published files by name and checks their SHA-256.
 """
@@ -20,9 +32,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
 import struct
 import sys
@@ -35,11 +49,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
+from zlib import error as zlib_error
 
 import torch
 
 __all__ = [
+    "ArchiveModule",
+    "COMPRESSION_CHECK_BYTES",
     "CheckpointError",
+    "MAX_BYTEORDER_BYTES",
+    "MAX_CODE_BYTES",
+    "MAX_COMPRESSION_RATIO",
+    "MAX_MODULE_DEPTH",
+    "MAX_PICKLE_BYTES",
     "DownloadError",
     "OPENAI_BASE_URL",
     "OPENAI_URLS",
@@ -54,6 +76,8 @@ __all__ = [
     "read_torch_pickle_state_dict",
     "read_torchscript",
     "read_torchscript_state_dict",
+    "refuse_aliased_tensors",
+    "refuse_repeating_views",
     "validate_safetensors_header",
 ]
 
@@ -64,6 +88,54 @@ class CheckpointError(ValueError):
 
 class DownloadError(OSError):
     """Downloading a published checkpoint failed (network, HTTP status, size or SHA-256 mismatch, offline mode)."""
+
+
+# Limits on what an archive may make the reader inflate (see the module docstring). Published CLIP archives stay
+# far below them: OpenAI's ViT-L/14 has a data.pkl of well under 1 MB and code/ files of a few hundred KB.
+MAX_PICKLE_BYTES = 64 << 20
+MAX_CODE_BYTES = 16 << 20
+MAX_BYTEORDER_BYTES = 16
+MAX_COMPRESSION_RATIO = 100
+COMPRESSION_CHECK_BYTES = 1 << 20
+# CLIP's module tree is 6 levels deep; anything near this is not a model but an attempt to exhaust the reader.
+MAX_MODULE_DEPTH = 256
+
+
+def _checked_member(zf: zipfile.ZipFile, name: str, limit: int | None, path: Path, what: str) -> zipfile.ZipInfo:
+    """The directory entry of member ``name``, refused before anything is inflated when it declares more than
+    ``limit`` bytes, more data than the archive holds, or a compression ratio beyond ``MAX_COMPRESSION_RATIO``."""
+    info = zf.getinfo(name)
+    if limit is not None and info.file_size > limit:
+        raise CheckpointError(
+            f"{path}: {name} ({what}) declares {info.file_size:,} bytes, more than the {limit:,} such a record can "
+            "need; refusing to read it (the archive is damaged or built to exhaust memory)"
+        )
+    if info.compress_size > path.stat().st_size or (
+        info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size
+    ):
+        raise CheckpointError(
+            f"{path}: the zip directory entry of {name} claims more data than the archive holds: the archive is damaged"
+        )
+    if (
+        info.compress_type != zipfile.ZIP_STORED
+        and info.file_size > COMPRESSION_CHECK_BYTES
+        and info.file_size > MAX_COMPRESSION_RATIO * info.compress_size
+    ):
+        raise CheckpointError(
+            f"{path}: {name} ({what}) expands from {info.compress_size:,} to {info.file_size:,} bytes, a compression "
+            f"ratio above the {MAX_COMPRESSION_RATIO}:1 that real checkpoints stay far below (PyTorch stores its "
+            "records uncompressed); refusing a likely decompression bomb"
+        )
+    return info
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, limit: int, path: Path, what: str) -> bytes:
+    info = _checked_member(zf, name, limit, path, what)
+    try:
+        with zf.open(info) as f:
+            return f.read(limit + 1)  # the zip module also stops at the declared size; this bound does not rely on it
+    except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as e:  # CRC mismatch, truncated or bad deflate data
+        raise CheckpointError(f"{path}: {name} ({what}) is corrupt ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,6 +282,8 @@ def read_torch_pickle_state_dict(path: str | os.PathLike) -> dict[str, torch.Ten
     path = Path(path)
     _refuse_unsafe_torch_load_env(path)
     mmap = _read_head(path, 4).startswith(b"PK\x03\x04")  # only the zip format can be memory-mapped
+    if mmap:
+        _check_torch_zip(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -222,7 +296,73 @@ def read_torch_pickle_state_dict(path: str | os.PathLike) -> dict[str, torch.Ten
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path} could not be read as a PyTorch checkpoint: {e}") from e
-    return _unwrap_state_dict(obj, path)
+    state_dict = _unwrap_state_dict(obj, path)
+    refuse_repeating_views(state_dict, path)
+    return state_dict
+
+
+def _check_torch_zip(path: Path) -> None:
+    """``torch.load`` reads compressed records whole, with no bound; ``torch.save`` never compresses them. So a
+    ``torch.save`` archive must hold only stored members, and a ``data.pkl`` of at most ``MAX_PICKLE_BYTES``."""
+    with _open_zip(path) as zf:
+        prefix = _archive_prefix(zf, path)
+        _checked_member(zf, prefix + "data.pkl", MAX_PICKLE_BYTES, path, "the pickled state dict")
+        compressed = [info.filename for info in zf.infolist() if info.compress_type != zipfile.ZIP_STORED]
+        if compressed:
+            raise CheckpointError(
+                f"{path}: {len(compressed)} members of this torch.save archive are compressed ({compressed[0]}, ...); "
+                "torch.save never compresses them and torch.load would inflate them whole without a bound, so they "
+                "are refused. Re-save the state dict with torch.save, or as safetensors."
+            )
+
+
+def refuse_repeating_views(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Refuse tensors whose elements overlap in their storage (a stride-0 ``expand``, overlapping strides): their
+    logical size exceeds the bytes they are made of, so a small file could be written out as a huge one."""
+    for name, tensor in state_dict.items():
+        if _repeats_elements(tensor):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} of shape {tuple(tensor.shape)} has strides {tensor.stride()}, which reuse "
+                f"the same storage elements ({tensor.numel() * tensor.element_size():,} bytes of values from "
+                f"{tensor.untyped_storage().nbytes():,} bytes of storage); refusing a view larger than its data. "
+                "Save each tensor with .contiguous() (or .clone()) if the repetition is intended."
+            )
+
+
+def refuse_aliased_tensors(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse two entries whose bytes overlap in one storage. CLIP has no tied weights, so in a CLIP checkpoint
+    such entries can only serve to multiply the data when each is written out on its own."""
+    spans: dict[int, list[tuple[int, int, str]]] = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() == 0:
+            continue
+        size = tensor.element_size()
+        start = tensor.storage_offset() * size
+        end = start + (sum((n - 1) * st for n, st in zip(tensor.shape, tensor.stride(), strict=True)) + 1) * size
+        spans.setdefault(tensor.untyped_storage().data_ptr(), []).append((start, end, name))
+    for entries in spans.values():
+        entries.sort()
+        for (_, end, first), (start, _, second) in zip(entries, entries[1:], strict=False):
+            if start < end:
+                raise CheckpointError(
+                    f"{where}: tensors {first!r} and {second!r} overlap in one storage; CLIP has no tied "
+                    "weights, and writing each out would multiply the data. Save each tensor with .clone() if intended."
+                )
+
+
+def _repeats_elements(tensor: torch.Tensor) -> bool:
+    """Whether two indices of ``tensor`` address the same storage element. Dimensions sorted by stride must each
+    step past everything the smaller ones span (sufficient for no overlap; what every dense layout satisfies)."""
+    if tensor.numel() <= 1:
+        return False
+    if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+        return True
+    span = 0  # the largest offset reachable with the dimensions seen so far
+    for stride, size in sorted((st, n) for st, n in zip(tensor.stride(), tensor.shape, strict=True) if n > 1):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _refuse_unsafe_torch_load_env(path: Path) -> None:
@@ -299,6 +439,7 @@ def read_safetensors_state_dict(path: str | os.PathLike, progress: Progress | No
                 state_dict[key] = tensor = f.get_tensor(key)
                 if progress is not None:
                     progress(tensor.numel() * tensor.element_size())
+        refuse_repeating_views(state_dict, path)
         return state_dict
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
@@ -394,13 +535,25 @@ _OPENAI_INFO_ATTRIBUTES = ("input_resolution", "context_length", "vocab_size")
 
 
 @dataclass(frozen=True)
+class ArchiveModule:
+    """One module of a TorchScript archive: its class name (``MultiheadAttention``, ``QuickGELU``, ``GELU``, ...;
+    without TorchScript's ``___torch_mangle_N`` part) and, for attention modules, the head count the archive
+    records (an attribute of a scripted module, or the constant its traced ``forward`` divides the width by)."""
+
+    kind: str
+    num_heads: int | None = None
+
+
+@dataclass(frozen=True)
 class TorchScriptCheckpoint:
-    """What :func:`read_torchscript` found: the state dict, and the top module's plain scalar attributes
+    """What :func:`read_torchscript` found: the state dict, the top module's plain scalar attributes
     (e.g. ``input_resolution``/``context_length``/``vocab_size`` when they are stored as ints, which
-    ``state_dict()`` leaves out)."""
+    ``state_dict()`` leaves out), and every module by its state-dict prefix (``"transformer.resblocks.0.attn"``;
+    ``""`` is the top module)."""
 
     state_dict: dict[str, torch.Tensor]
     attributes: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, ArchiveModule] = field(default_factory=dict)
 
 
 def read_torchscript_state_dict(path: str | os.PathLike, progress: Progress | None = None) -> dict[str, torch.Tensor]:
@@ -419,35 +572,47 @@ def read_torchscript(path: str | os.PathLike, progress: Progress | None = None) 
             raise CheckpointError(
                 f"{path} is a torch.save archive, not TorchScript (no {prefix}code/ folder); use read_state_dict()"
             )
-        storages = _StorageReader(zf, prefix, _archive_byteorder(zf, prefix, path), path, progress)
-        root = _unpickle_data(zf, prefix, storages, path)
+        byteorder = _archive_byteorder(zf, prefix, path)
+        storages = _StorageReader(zf, prefix, byteorder, path, progress)
+        root = _unpickle_data(zf, prefix + "data.pkl", storages, path)
         if not isinstance(root, _InertObject):
             raise CheckpointError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-        classes = _ClassHeaders(zf, prefix)
+        classes = _ClassHeaders(zf, prefix, path)
         state_dict: dict[str, torch.Tensor] = {}
-        _collect_module(root, classes, "", state_dict, ancestors=(), path=path)
-        return TorchScriptCheckpoint(state_dict, _top_level_attributes(root))
+        objects = _collect_modules(root, classes, state_dict, path)
+        refuse_repeating_views(state_dict, path)
+        constants = _Constants(zf, prefix, byteorder, path)
+        modules = {name: _archive_module(obj, classes, constants, name, path) for name, obj in objects.items()}
+        return TorchScriptCheckpoint(state_dict, _top_level_attributes(root), modules)
 
 
 def _archive_byteorder(zf: zipfile.ZipFile, prefix: str, path: Path) -> str:
     """Archives record the writer's byte order in ``byteorder``; older ones have none and are little-endian."""
-    try:
-        order = zf.read(prefix + "byteorder").decode("ascii").strip()
-    except KeyError:
+    name = prefix + "byteorder"
+    if name not in zf.NameToInfo:
         return "little"
+    raw = _read_member(zf, name, MAX_BYTEORDER_BYTES, path, "the byte order")
+    order = raw.decode("ascii", errors="replace").strip()
     if order not in ("little", "big"):
-        raise CheckpointError(f"{path}: unknown byte order {order!r} in {prefix}byteorder")
+        raise CheckpointError(f"{path}: unknown byte order {order[:20]!r} in {name}")
     return order
 
 
-def _unpickle_data(zf: zipfile.ZipFile, prefix: str, storages: _StorageReader, path: Path) -> Any:
+def _unpickle_data(zf: zipfile.ZipFile, name: str, storages: _StorageReader, path: Path) -> Any:
+    """Unpickle ``data.pkl`` (or ``constants.pkl``) from memory: read whole (it is small and bounded), a pickle
+    that announces more bytes than it holds fails at once instead of asking the zip stream for them."""
+    raw = _read_member(zf, name, MAX_PICKLE_BYTES, path, "the pickled module tree")
     try:
-        with zf.open(prefix + "data.pkl") as f:
-            return _RestrictedUnpickler(f, storages, path).load()
+        for _ in pickletools.genops(raw):  # every opcode's announced length is checked against the bytes present
+            pass  # (the C unpickler would allocate what a BINBYTES8 announces before finding the data short)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {name} is truncated or malformed ({e})") from None
+    try:
+        return _RestrictedUnpickler(io.BytesIO(raw), storages, path).load()
     except CheckpointError:
         raise
     except Exception as e:  # anything else a hostile or damaged pickle can provoke
-        raise CheckpointError(f"{path}: {prefix}data.pkl could not be read safely: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"{path}: {name} could not be read safely: {type(e).__name__}: {e}") from e
 
 
 class _InertObject:
@@ -573,11 +738,17 @@ class _StorageReader:
     """Reads ``<prefix>data/<key>`` records into CPU tensors, one record at a time and each only once."""
 
     def __init__(
-        self, zf: zipfile.ZipFile, prefix: str, byteorder: str, path: Path, progress: Progress | None = None
+        self,
+        zf: zipfile.ZipFile,
+        prefix: str,
+        byteorder: str,
+        path: Path,
+        progress: Progress | None = None,
+        folder: str = "data",
     ) -> None:
         self._zf, self._prefix, self._path, self._progress = zf, prefix, path, progress
+        self._folder = folder
         self._swap = byteorder != sys.byteorder
-        self._archive_size = path.stat().st_size
         self._loaded: dict[str, torch.Tensor] = {}
 
     def get(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -591,30 +762,23 @@ class _StorageReader:
         return storage
 
     def _read(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        name = f"{self._prefix}data/{key}"
-        try:
-            info = self._zf.getinfo(name)
-        except KeyError:
-            raise CheckpointError(f"{self._path}: storage record {name} is missing from the archive") from None
+        name = f"{self._prefix}{self._folder}/{key}"
+        if name not in self._zf.NameToInfo:
+            raise CheckpointError(f"{self._path}: storage record {name} is missing from the archive")
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = numel * itemsize
-        if numel < 0 or info.file_size < nbytes:
+        info = _checked_member(self._zf, name, None, self._path, "a storage record")
+        if numel < 0 or info.file_size != nbytes:
             raise CheckpointError(
-                f"{self._path}: storage record {name} has {info.file_size} bytes but "
-                f"{numel} x {dtype} needs {nbytes}: the archive is damaged"
-            )
-        if info.compress_size > self._archive_size or (
-            info.compress_type == zipfile.ZIP_STORED and info.compress_size != info.file_size
-        ):
-            raise CheckpointError(
-                f"{self._path}: the zip directory entry of {name} claims more data than the "
-                "archive holds: the archive is damaged"
+                f"{self._path}: storage record {name} has {info.file_size:,} bytes but data.pkl declares "
+                f"{numel:,} x {dtype} = {nbytes:,} bytes in it: the archive is damaged (or built to make the "
+                "reader inflate more than it uses)"
             )
         buffer = torch.empty(nbytes, dtype=torch.uint8)
         try:
             with self._zf.open(info) as f:
                 _read_exactly(f, memoryview(buffer.numpy()).cast("B"), name)
-        except zipfile.BadZipFile as e:  # e.g. CRC mismatch
+        except (zipfile.BadZipFile, EOFError, zlib_error) as e:  # e.g. CRC mismatch, bad deflate data
             raise CheckpointError(f"{self._path}: storage record {name} is corrupt ({e})") from None
         if self._progress is not None:
             self._progress(nbytes)
@@ -641,18 +805,25 @@ class _ClassHeader:
     is_module: bool
     parameters: frozenset[str]
     buffers: frozenset[str]
+    heads: str | None = None  # what the traced forward divides the width by: "7" or "CONSTANTS.c0"
 
 
 _CLASS_LINE = re.compile(r"^class\s+(\w+)\s*\(\s*([\w.]*)\s*\)\s*:")
 _DECL_LINE = re.compile(r"^\s+(__parameters__|__buffers__)\s*=\s*(\[.*\])\s*$")
+# multi_head_attention_forward's `head_dim = embed_dim // num_heads`, as traced by torch 1.7 to 2.x: num_heads is a
+# literal or an entry of constants.pkl.
+_HEAD_DIM_LINE = re.compile(
+    r"^\s+head_dim\w*\s*=\s*(?:torch|ops\.aten)\.(?:div|floor_divide|floordiv)\(\s*embed_dim\w*\s*,\s*"
+    r"(CONSTANTS\.c\d+|\d+)\s*[,)]"
+)
 
 
 class _ClassHeaders:
     """Which attributes of each archive class are parameters and buffers, read from the class headers in
     ``code/`` as text (``__parameters__ = [...]``, ``__buffers__ = [...]``); the code itself is never run."""
 
-    def __init__(self, zf: zipfile.ZipFile, prefix: str) -> None:
-        self._zf, self._prefix = zf, prefix
+    def __init__(self, zf: zipfile.ZipFile, prefix: str, path: Path) -> None:
+        self._zf, self._prefix, self._path = zf, prefix, path
         self._names = set(zf.namelist())
         self._files: dict[str, dict[str, _ClassHeader]] = {}
 
@@ -664,52 +835,78 @@ class _ClassHeaders:
         return self._files[file].get(name)
 
     def _parse(self, file: str) -> dict[str, _ClassHeader]:
-        import ast
 
         headers: dict[str, _ClassHeader] = {}
         current: str | None = None
-        for line in self._zf.read(file).decode("utf-8", errors="replace").splitlines():
-            if m := _CLASS_LINE.match(line):
-                current = m.group(1)
-                headers[current] = _ClassHeader(m.group(2).rpartition(".")[2] == "Module", frozenset(), frozenset())
-            elif current and (m := _DECL_LINE.match(line)):
-                try:
-                    names = frozenset(ast.literal_eval(m.group(2)))
-                except (ValueError, SyntaxError):
-                    continue
-                kind = "parameters" if m.group(1) == "__parameters__" else "buffers"
-                setattr(headers[current], kind, names)
-            elif line and not line[0].isspace():
-                current = None
+        info = _checked_member(self._zf, file, MAX_CODE_BYTES, self._path, "TorchScript code")
+        try:
+            with self._zf.open(info) as raw:  # line by line: no more than one line is held at a time
+                for line in io.TextIOWrapper(raw, encoding="utf-8", errors="replace"):
+                    current = self._parse_line(line.rstrip("\r\n"), headers, current)
+        except (zipfile.BadZipFile, EOFError, zlib_error) as e:
+            raise CheckpointError(f"{self._path}: {file} (TorchScript code) is corrupt ({e})") from None
         return headers
 
+    @staticmethod
+    def _parse_line(line: str, headers: dict[str, _ClassHeader], current: str | None) -> str | None:
+        """Note what ``line`` declares for the class being read; return the class being read after it."""
+        import ast
 
-def _collect_module(
-    obj: _InertObject,
-    classes: _ClassHeaders,
-    prefix: str,
-    out: dict[str, torch.Tensor],
-    ancestors: tuple[int, ...],
-    path: Path,
-) -> None:
-    """Add ``obj``'s parameters, then its buffers, then its submodules' entries, as ``nn.Module.state_dict`` does
-    for a loaded ScriptModule (attributes in slot order, which is the order the pickle records them in)."""
-    if id(obj) in ancestors:
-        raise CheckpointError(f"{path}: the module tree loops back on itself at {prefix or '<root>'}")
-    state = obj.state
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: module {prefix or '<root>'} has no attribute dict in data.pkl")
-    header = classes.get(type(obj)._clipviz_qualname)
-    if header is None:
-        header = _guess_header(obj, state, path)
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    for name in (n for n in tensors if n in header.parameters):
-        out[prefix + name] = tensors[name].detach()  # detached, as state_dict() returns them
-    for name in (n for n in tensors if n in header.buffers):
-        out[prefix + name] = tensors[name].detach()
-    for name, value in state.items():
-        if isinstance(value, _InertObject) and _is_module(value, classes):
-            _collect_module(value, classes, f"{prefix}{name}.", out, (*ancestors, id(obj)), path)
+        if m := _CLASS_LINE.match(line):
+            headers[m.group(1)] = _ClassHeader(m.group(2).rpartition(".")[2] == "Module", frozenset(), frozenset())
+            return m.group(1)
+        if current and (m := _DECL_LINE.match(line)):
+            try:
+                names = frozenset(ast.literal_eval(m.group(2)))
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                return current
+            kind = "parameters" if m.group(1) == "__parameters__" else "buffers"
+            setattr(headers[current], kind, names)
+        elif current and (m := _HEAD_DIM_LINE.match(line)):
+            headers[current].heads = headers[current].heads or m.group(1)
+        elif line and not line[0].isspace():
+            return None
+        return current
+
+
+def _collect_modules(
+    root: _InertObject, classes: _ClassHeaders, out: dict[str, torch.Tensor], path: Path
+) -> dict[str, _InertObject]:
+    """Add each module's parameters, then its buffers, then its submodules' entries to ``out``, as
+    ``nn.Module.state_dict`` does for a loaded ScriptModule (attributes in slot order, which is the order the pickle
+    records them in); return every module by its prefix without the final dot. Iterative, with a depth limit, so
+    that a module tree nested thousands deep gives a clear error instead of exhausting the stack."""
+    modules: dict[str, _InertObject] = {}
+    stack: list[tuple[_InertObject, str, frozenset[int]]] = [(root, "", frozenset())]
+    while stack:
+        obj, prefix, ancestors = stack.pop()
+        where = prefix[:-1] or "<root>"
+        if id(obj) in ancestors:
+            raise CheckpointError(f"{path}: the module tree loops back on itself at {where}")
+        if len(ancestors) >= MAX_MODULE_DEPTH:
+            raise CheckpointError(
+                f"{path}: the module tree is nested more than {MAX_MODULE_DEPTH} levels deep (CLIP's is 6); "
+                "this is not a model checkpoint"
+            )
+        state = obj.state
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: module {where} has no attribute dict in data.pkl")
+        modules[prefix[:-1]] = obj
+        header = classes.get(type(obj)._clipviz_qualname)
+        if header is None:
+            header = _guess_header(obj, state, path)
+        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        for name in (n for n in tensors if n in header.parameters):
+            out[prefix + name] = tensors[name].detach()  # detached, as state_dict() returns them
+        for name in (n for n in tensors if n in header.buffers):
+            out[prefix + name] = tensors[name].detach()
+        children = [
+            (value, f"{prefix}{name}.", ancestors | {id(obj)})
+            for name, value in state.items()
+            if isinstance(value, _InertObject) and _is_module(value, classes)
+        ]
+        stack.extend(reversed(children))  # depth first, in attribute order
+    return modules
 
 
 def _is_module(obj: _InertObject, classes: _ClassHeaders) -> bool:
@@ -730,6 +927,42 @@ def _guess_header(obj: _InertObject, state: dict[str, Any], path: Path) -> _Clas
         frozenset(k for k, v in tensors.items() if v.requires_grad),
         frozenset(k for k, v in tensors.items() if not v.requires_grad),
     )
+
+
+class _Constants:
+    """``constants.pkl``: the tensors a traced ``forward`` refers to as ``CONSTANTS.c<N>``, read only when asked."""
+
+    def __init__(self, zf: zipfile.ZipFile, prefix: str, byteorder: str, path: Path) -> None:
+        self._zf, self._prefix, self._byteorder, self._path = zf, prefix, byteorder, path
+        self._values: tuple | None = None
+
+    def get(self, index: int) -> Any:
+        if self._values is None:
+            name = self._prefix + "constants.pkl"
+            if name not in self._zf.NameToInfo:
+                self._values = ()
+            else:
+                storages = _StorageReader(self._zf, self._prefix, self._byteorder, self._path, folder="constants")
+                values = _unpickle_data(self._zf, name, storages, self._path)
+                self._values = tuple(values) if isinstance(values, tuple | list) else ()
+        return self._values[index] if index < len(self._values) else None
+
+
+def _archive_module(
+    obj: _InertObject, classes: _ClassHeaders, constants: _Constants, name: str, path: Path
+) -> ArchiveModule:
+    """The class name of one module and the head count it records, if it records one."""
+    qualname = type(obj)._clipviz_qualname
+    heads: Any = obj.state.get("num_heads")  # a scripted MultiheadAttention keeps it as an attribute
+    header = classes.get(qualname)
+    if heads is None and header is not None and header.heads is not None:
+        reference = header.heads
+        heads = int(reference) if reference.isdigit() else constants.get(int(reference.removeprefix("CONSTANTS.c")))
+    if isinstance(heads, torch.Tensor) and heads.numel() == 1 and not heads.is_floating_point():
+        heads = int(heads.item())
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0):
+        raise CheckpointError(f"{path}: attention module {name or '<root>'} records {heads!r:.40} heads")
+    return ArchiveModule(qualname.rpartition(".")[2], heads)
 
 
 def _top_level_attributes(root: _InertObject) -> dict[str, Any]:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,12 @@ SAFETENSORS_DTYPES = {
     torch.bool: "BOOL",
 }
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+MIN_SHARD_SIZE = 10**3  # below 1 KB every tensor would get a shard of its own
+# Every name a conversion writes: `--overwrite` replaces only a folder holding nothing else.
+CONVERSION_FILE = re.compile(
+    r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|\w+_clipviz\.py|README\.md|merges\.txt"
+    r"|(config|preprocessor_config|processor_config|tokenizer|tokenizer_config|special_tokens_map|vocab)\.json"
+)
 
 
 class OutputFolderError(ValueError):
@@ -55,14 +62,63 @@ class NonFiniteWeightsError(ValueError):
 # ---- staging: nothing half-written ----
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Fail before any work when the output folder would have to be overwritten without `--overwrite`."""
+def check_output_dir(output_dir: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Fail before any work when the output folder cannot be created, would have to be overwritten without
+    `--overwrite`, holds anything a conversion does not write, or holds one of the `inputs` (the source, the
+    download cache): `--overwrite` only ever replaces a previous clipviz conversion."""
+    output_dir = Path(output_dir).expanduser().resolve()
+    for item in inputs:
+        item = Path(item).expanduser().resolve()
+        if item == output_dir or output_dir in item.parents:
+            raise OutputFolderError(
+                f"{item} lies inside --output-dir {output_dir}, which the conversion creates or replaces; "
+                "choose an output folder that does not contain the source or the download cache."
+            )
     if output_dir.exists() and not output_dir.is_dir():
         raise OutputFolderError(f"--output-dir {output_dir} is a file; choose a folder path.")
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
+    _check_parent_writable(output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise OutputFolderError(
+                f"--output-dir {output_dir} exists and is not empty; choose another folder or pass --overwrite to "
+                "replace a previous conversion (it is replaced only after the new conversion has been verified)."
+            )
+        check_replaceable(output_dir)
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """`--overwrite` replaces a folder only when it holds a previous clipviz conversion and nothing else."""
+    try:
+        model_type = json.loads((output_dir / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type != "clipviz":
         raise OutputFolderError(
-            f"--output-dir {output_dir} exists and is not empty; choose another folder or pass --overwrite to "
-            "replace it (it is replaced only after the new conversion has been verified)."
+            f"--overwrite refused: {output_dir} does not hold a previous clipviz conversion (no config.json with "
+            "model_type 'clipviz'), and --overwrite never deletes what the converter did not write; choose another "
+            "folder or empty this one yourself."
+        )
+    foreign = sorted(p.name for p in output_dir.iterdir() if not (p.is_file() and CONVERSION_FILE.fullmatch(p.name)))
+    if foreign:
+        raise OutputFolderError(
+            f"--overwrite refused: {output_dir} holds a clipviz conversion but also {len(foreign)} entries a "
+            f"conversion does not write ({', '.join(foreign[:5])}); move them out or choose another folder."
+        )
+
+
+def _check_parent_writable(output_dir: Path) -> None:
+    """The first existing folder above `output_dir` must be a folder this process can create entries in."""
+    parent = output_dir.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputFolderError(
+            f"cannot create --output-dir {output_dir}: {parent} is a file, not a folder; choose another path."
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFolderError(
+            f"cannot create --output-dir {output_dir}: no permission to write in {parent}; choose a folder you "
+            "can write to."
         )
 
 
@@ -74,20 +130,24 @@ def staging_path(output_dir: Path) -> Path:
 
 
 @contextmanager
-def staged_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+def staged_folder(output_dir: Path, overwrite: bool, inputs: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield an empty folder next to `output_dir`; move it to `output_dir` when the block succeeds, delete it when
-    the block raises."""
+    the block raises. `inputs` (see `check_output_dir`) must not lie inside `output_dir`."""
     output_dir = output_dir.resolve()
-    check_output_dir(output_dir, overwrite)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_output_dir(output_dir, overwrite, inputs)
     staging = staging_path(output_dir)
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()
     except FileExistsError:
+        if not output_dir.parent.is_dir():
+            raise OutputFolderError(f"cannot create --output-dir {output_dir}: a file is in the way.") from None
         raise OutputFolderError(
             f"{staging} exists: another conversion into {output_dir} is running, or one was killed. If none is "
             "running, delete that folder and try again."
         ) from None
+    except OSError as error:  # permissions, a read-only file system, a file where a folder should be, ...
+        raise OutputFolderError(f"cannot create --output-dir {output_dir}: {error.strerror or error}.") from None
     try:
         yield staging
         _publish(staging, output_dir)
@@ -102,6 +162,7 @@ def _publish(staging: Path, output_dir: Path) -> None:
     if not output_dir.exists():
         staging.rename(output_dir)
         return
+    check_replaceable(output_dir)  # again: something may have been added while converting
     old = Path(tempfile.mkdtemp(prefix=f"{output_dir.name}.old-", dir=output_dir.parent))
     old.rmdir()
     output_dir.rename(old)
@@ -124,11 +185,17 @@ class TensorRecord:
 def parse_size(text: str | int) -> int:
     """Bytes from "500MB", "2GB", "1.5GiB" or a plain number (decimal units as transformers, binary with `i`)."""
     if isinstance(text, int):
-        return text
+        text = str(text)
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text).upper())
-    if not match or float(match[1]) <= 0:
+    if not match:
         raise ValueError(f"--max-shard-size must look like 500MB, 2GB or 1GiB, got {text!r}.")
-    return int(float(match[1]) * SIZE_UNITS[match[2] or ""])
+    size = int(float(match[1]) * SIZE_UNITS[match[2] or ""])
+    if size < MIN_SHARD_SIZE:
+        raise ValueError(
+            f"--max-shard-size {text} is {size} bytes; it must be at least 1KB (shards are meant to be hundreds of "
+            "MB, e.g. 500MB or 2GB)."
+        )
+    return size
 
 
 def cast_for_saving(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -265,14 +332,14 @@ def _write_shard(path, names, tensors, layout, dtype, bar) -> dict[str, TensorRe
 
 
 def write_config_and_code(folder: Path, model, dtype: torch.dtype) -> None:
-    """`config.json` (with `auto_map`) and the two remote-code files, exactly as `model.save_pretrained` writes them
-    (minus the weights, which `write_weights` streams)."""
+    """`config.json` (with `auto_map`) and the remote-code files (modeling, configuration, explanations), exactly as
+    `model.save_pretrained` writes them (minus the weights, which `write_weights` streams)."""
     from transformers.dynamic_module_utils import custom_object_save
 
     config = model.config
     config.architectures = [type(model).__name__]
     config.dtype = dtype
-    custom_object_save(model, folder, config=config)  # modeling file + its relative import, auto_map["AutoModel"]
+    custom_object_save(model, folder, config=config)  # modeling file + its relative imports, auto_map["AutoModel"]
     config.save_pretrained(folder)  # configuration file, auto_map["AutoConfig"], config.json
 
 
@@ -338,6 +405,7 @@ __all__ = [
     "cast_for_saving",
     "cast_weights_",
     "check_output_dir",
+    "check_replaceable",
     "folder_bytes",
     "image_processor_config",
     "parse_size",

@@ -42,6 +42,12 @@ class CardInfo:
     bos_eos: tuple[int, int]
     extra_tags: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    openai_weights: bool = False  # the weights are OpenAI's own (a published checkpoint or its Hub copy)
+
+
+def count(n: int, noun: str) -> str:
+    """ "1 head", "2 heads", "0 heads": the card's numbers with their nouns (English plurals in -s only)."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"
 
 
 def render(info: CardInfo) -> str:
@@ -78,8 +84,9 @@ def _front_matter(info: CardInfo) -> str:
 
 
 def _introduction(info: CardInfo) -> str:
+    what = "OpenAI's CLIP" if info.openai_weights else "A CLIP model (OpenAI's CLIP architecture, not OpenAI's weights)"
     lines = [
-        "OpenAI's CLIP as a transformers model that can return every attention map "
+        f"{what} as a transformers model that can return every attention map "
         "(`output_attentions=True`), for attention visualization and relevance maps. The code "
         "(`modeling_clipviz.py`, `configuration_clipviz.py`, ...) ships in this repo: load it with "
         "`trust_remote_code=True`.",
@@ -138,8 +145,14 @@ def _architecture_table(info: CardInfo) -> str:
     return "\n".join(["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in rows)]) + "\n"
 
 
+def _all(n: int, noun: str, verb: bool = True) -> str:
+    """ "all 5 saved tensors are" / "the 1 saved tensor is" (without the verb when `verb` is False)."""
+    words = f"all {count(n, noun)}" if n != 1 else f"the {count(n, noun)}"
+    return f"{words} {'is' if n == 1 else 'are'}" if verb else words
+
+
 def _weights_line(info: CardInfo) -> str:
-    files = info.weight_files[0] if len(info.weight_files) == 1 else f"{len(info.weight_files)} shards"
+    files = info.weight_files[0] if len(info.weight_files) == 1 else count(len(info.weight_files), "shard")
     return f"{info.dtype_name}, safetensors ({files}, {info.weight_bytes / 1e6:,.1f} MB)"
 
 
@@ -149,9 +162,9 @@ def _checks(info: CardInfo) -> str:
         "Measured while converting, after reloading this folder with "
         "`AutoModel.from_pretrained(..., trust_remote_code=True)`:",
         "",
-        f"- all {report.tensors_checked} saved tensors are bitwise identical to the source tensors "
+        f"- {_all(report.tensors_checked, 'saved tensor')} bitwise identical to the source "
         f"(converted to {info.dtype_name})",
-        f"- outputs are finite and the rows of all {report.attention_maps} attention maps sum to 1 "
+        f"- outputs are finite and the rows of {_all(report.attention_maps, 'attention map', verb=False)} sum to 1 "
         f"(largest deviation {format_figure(report.attention_row_error)})",
         f"- parity with independent implementations run on the same weights in {info.dtype_name}, on "
         f"{report.probe} (max abs differences of L2-normalized embeddings and of logits):",
@@ -161,4 +174,4 @@ def _checks(info: CardInfo) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CardInfo", "render"]
+__all__ = ["CardInfo", "count", "render"]

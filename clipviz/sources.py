@@ -3,7 +3,7 @@
 Sources: OpenAI's published checkpoints by name (downloaded and SHA-256 checked), any checkpoint file (TorchScript
 archive, ``torch.save`` state dict, safetensors), a transformers ``CLIPModel`` folder or Hub repo id, and an open_clip
 folder (``open_clip_config.json`` + weights). All tensor reading goes through :mod:`clipviz.checkpoint_io`, so no code
-stored in a checkpoint ever runs. Key names are left as the files have them; ``convert_weights`` maps them.
+stored in a checkpoint ever runs. Key names are left as the files have them; ``clipviz.state_dict`` maps them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from clipviz import checkpoint_io
 from clipviz.checkpoint_io import CheckpointError
+from clipviz.convert_options import SOURCE_FORMATS
 
 # Hub repos holding OpenAI's own weights in transformers' layout: the `base_model` of a conversion of that file.
 OPENAI_BASE_MODELS = {
@@ -30,7 +31,6 @@ OPENAI_BASE_MODELS = {
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling values
-SOURCE_FORMATS = ("auto", "openai", "open_clip", "transformers")
 
 # transformers folders: weight files in the order transformers itself prefers them.
 TRANSFORMERS_WEIGHTS = (
@@ -73,6 +73,7 @@ class ImageSettings:
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
     resample: int = PIL_RESAMPLE["bicubic"]
+    recorded: bool = False  # read from the source's files (else OpenAI's preprocessing is assumed)
 
 
 @dataclass
@@ -176,7 +177,12 @@ def _openai_name_of_sha256(sha256: str) -> str | None:
 def _from_file(path: Path, source_format: str) -> Source:
     kind = checkpoint_io.detect_checkpoint_format(path)
     sha256 = sha256_file(path)
-    state_dict = read_with_progress(path)
+    recorded: dict = {}
+    if kind == checkpoint_io.TORCHSCRIPT:
+        archive = read_with_progress(path, checkpoint_io.read_torchscript)
+        state_dict, recorded = archive.state_dict, torchscript_facts(archive.modules, path)
+    else:
+        state_dict = read_with_progress(path)
     openai_name = _openai_name_of_sha256(sha256)
     if source_format != "auto":
         origin = {"openai": "openai", "open_clip": "open_clip", "transformers": "transformers"}[source_format]
@@ -198,19 +204,56 @@ def _from_file(path: Path, source_format: str) -> Source:
         sha256=sha256,
         openai_name=openai_name,
         base_model=OPENAI_BASE_MODELS.get(openai_name),
+        **recorded,
     )
 
 
-def read_with_progress(path: Path) -> dict[str, torch.Tensor]:
-    """`checkpoint_io.read_state_dict` with a progress bar over the file's bytes."""
+# TorchScript module classes of OpenAI's MLP activation, by class name (TorchScript's mangling removed).
+ARCHIVE_ACTIVATIONS = {"QuickGELU": "quick_gelu", "GELU": "gelu"}
+_ATTENTION = {
+    "text": re.compile(r"transformer\.resblocks\.\d+\.attn"),
+    "vision": re.compile(r"visual\.(?:transformer\.resblocks\.\d+\.attn|attnpool)"),
+}
+_ACTIVATION = {
+    "text": re.compile(r"transformer\.resblocks\.\d+\.mlp\.gelu"),
+    "vision": re.compile(r"visual\.transformer\.resblocks\.\d+\.mlp\.gelu"),
+}
+
+
+def torchscript_facts(modules: dict[str, checkpoint_io.ArchiveModule], path: Path) -> dict:
+    """What a TorchScript archive records beyond tensor shapes, as `Source` fields: each tower's head count (every
+    attention module records its own) and MLP activation (the class of each block's `mlp.gelu`). Fields the archive
+    does not record are left out; towers whose blocks disagree are refused (clipviz has one value per tower)."""
+    facts: dict = {}
+    activations: dict[str, str] = {}
+    for tower in ("text", "vision"):
+        heads = {m.num_heads for name, m in modules.items() if _ATTENTION[tower].fullmatch(name) and m.num_heads}
+        if len(heads) > 1:
+            raise SourceError(
+                f"{path}: the {tower} tower's attention modules record different head counts {sorted(heads)}; "
+                "clipviz uses one head count per tower."
+            )
+        if heads:
+            facts[f"{tower}_heads"] = heads.pop()
+        kinds = {m.kind for name, m in modules.items() if _ACTIVATION[tower].fullmatch(name)}
+        if len(kinds) == 1 and kinds <= ARCHIVE_ACTIVATIONS.keys():
+            activations[tower] = ARCHIVE_ACTIVATIONS[kinds.pop()]
+    if activations.keys() == {"text", "vision"} or (activations.keys() == {"text"} and "visual.attnpool" in modules):
+        facts["hidden_act"] = {"text": activations["text"], "vision": activations.get("vision", activations["text"])}
+    return facts
+
+
+def read_with_progress(path: Path, reader=checkpoint_io.read_state_dict):
+    """`reader(path, progress=...)` (by default `checkpoint_io.read_state_dict`) with a progress bar over the
+    file's bytes."""
     from huggingface_hub.utils import tqdm
 
     with tqdm(
         total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"Reading {path.name}"
     ) as bar:
-        state_dict = checkpoint_io.read_state_dict(path, progress=bar.update)
+        result = reader(path, progress=bar.update)
         bar.update(bar.total - bar.n)  # the file also holds headers and code, which are not tensor bytes
-        return state_dict
+        return result
 
 
 def sha256_file(path: Path) -> str:
@@ -307,6 +350,7 @@ def _transformers_image_settings(path: Path) -> ImageSettings:
         mean=tuple(settings.get("image_mean", OPENAI_MEAN)),
         std=tuple(settings.get("image_std", OPENAI_STD)),
         resample=int(settings.get("resample", PIL_RESAMPLE["bicubic"])),
+        recorded=True,
     )
 
 
@@ -323,22 +367,25 @@ def _from_open_clip_folder(path: Path) -> Source:
     config_file = path / OPEN_CLIP_CONFIG
     if not config_file.is_file():
         raise SourceError(f"{path} has no {OPEN_CLIP_CONFIG}; pass the checkpoint file with --hidden-act instead.")
-    config = json.loads(config_file.read_text())
+    config = _json_object(config_file)
     model_cfg = config.get("model_cfg", config)  # Hub repos nest it; a bare model config is accepted too
+    vision, text = (_section(model_cfg, key, config_file) for key in ("vision_cfg", "text_cfg"))
     check_open_clip_settings(model_cfg, config_file)
     weights = [path / name for name in OPEN_CLIP_WEIGHTS if (path / name).is_file()]
     if not weights:
         raise SourceError(f"{path} has {OPEN_CLIP_CONFIG} but none of {', '.join(OPEN_CLIP_WEIGHTS)}.")
-    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     activation = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    head_width = vision.get("head_width", 64)
-    width = vision.get("width", 768)
+    head_width = _positive_int(vision, "head_width", 64, config_file)
+    width = _positive_int(vision, "width", 768, config_file)
+    text_heads = _positive_int(text, "heads", 8, config_file)
     resnet = isinstance(vision.get("layers"), list | tuple)
-    preprocess = config.get("preprocess_cfg", {})
+    vision_heads = _open_clip_vision_heads(width * 32 if resnet else width, head_width, config_file)
+    preprocess = _section(config, "preprocess_cfg", config_file)
     image = ImageSettings(
         mean=tuple(preprocess.get("mean", OPENAI_MEAN)),
         std=tuple(preprocess.get("std", OPENAI_STD)),
         resample=PIL_RESAMPLE.get(preprocess.get("interpolation", "bicubic"), PIL_RESAMPLE["bicubic"]),
+        recorded=bool(preprocess),
     )
     return Source(
         state_dict=_read_files(weights[:1]),
@@ -348,18 +395,51 @@ def _from_open_clip_folder(path: Path) -> Source:
         files=weights[:1],
         sha256=sha256_file(weights[0]),
         hidden_act={"text": activation, "vision": activation},
-        text_heads=text.get("heads", 8),
-        vision_heads=(width * 32 if resnet else width) // head_width,
+        text_heads=text_heads,
+        vision_heads=vision_heads,
         image=image,
         license=_card_license(path / "README.md"),
     )
+
+
+def _json_object(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{file} is not valid JSON ({error}).") from None
+    if not isinstance(value, dict):
+        raise SourceError(f"{file} holds a JSON {type(value).__name__}, not an object.")
+    return value
+
+
+def _section(config: dict, key: str, where: Path) -> dict:
+    """A nested section of an open_clip config (`model_cfg`, `vision_cfg`, ...): absent means empty."""
+    if not isinstance(config, dict):
+        raise SourceError(f"{where}: `model_cfg` must be a JSON object, got {type(config).__name__}.")
+    value = config.get(key, {})
+    if not isinstance(value, dict):
+        raise SourceError(f"{where}: `{key}` must be a JSON object, got {type(value).__name__} {value!r:.40}.")
+    return value
+
+
+def _positive_int(section: dict, key: str, default: int, where: Path) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise SourceError(f"{where}: `{key}` must be a positive integer, got {value!r:.40}.")
+    return value
+
+
+def _open_clip_vision_heads(width: int, head_width: int, where: Path) -> int:
+    if width % head_width:
+        raise SourceError(f"{where}: the image tower's width {width} is not a multiple of `head_width` {head_width}.")
+    return width // head_width
 
 
 def check_open_clip_settings(model_cfg: dict, where: Path) -> None:
     """Refuse open_clip configs that change the computation away from OpenAI's CLIP (see the table above)."""
     wrong = []
     for (section, key), allowed in OPEN_CLIP_REQUIRED_SETTINGS.items():
-        value = model_cfg.get(section, {}).get(key)
+        value = _section(model_cfg, section, where).get(key)
         if value not in allowed:
             wrong.append(f"{section}.{key}={value!r}")
     if wrong:

@@ -393,7 +393,10 @@ processor = CLIPImageProcessor.from_pretrained(path)
 ids = tokenizer(["a photo of a red circle"], padding=True, return_tensors="pt")
 pixels = processor(images=image, return_tensors="pt")["pixel_values"]
 maps = model.explain(pixels, ids["input_ids"], ids["attention_mask"], method="relevance"{explain_options})
-picture = model.overlay(image, maps.image_maps[0, 0])  # PIL image, the map blended over the original
+
+from clipviz.rendering import overlay  # drawing needs the clipviz package (and Pillow); the model does not
+
+picture = overlay(image, maps.image_maps[0, 0])  # PIL image, the map blended over the original
 ```
 
 {explain_note}
@@ -487,7 +490,7 @@ def load_tokenizer(output_dir: Path):
     return CLIPTokenizer.from_pretrained(output_dir)
 
 
-CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py")
+CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py", "explaining_clipviz.py")
 
 
 def refresh_code(folders: list[Path]) -> None:

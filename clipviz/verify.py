@@ -7,10 +7,14 @@
 * Where an independent implementation of the source is importable, OpenAI's ``clip/model.py`` and transformers'
   ``CLIPModel``, its embeddings and logits are computed *from the source tensors* before they are released, and
   compared with the reloaded model's. In float32 a mismatch is an error; in half precision it is reported.
+  The references take what tensor shapes cannot say (head counts, activation, LayerNorm epsilon) from
+  :class:`SourceFacts`, what the source and the user's flags state, and otherwise from OpenAI's own rules, never
+  from the converted config: an assumption the converter got wrong is not repeated by the reference.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 import sys
@@ -21,7 +25,8 @@ from pathlib import Path
 import torch
 
 from clipviz.hub_repo import TensorRecord, tensor_digest
-from clipviz.sources import ImageSettings
+from clipviz.sources import ImageSettings, Source
+from clipviz.state_dict import IGNORED_OPENAI_KEYS, openai_to_transformers_state_dict, transformers_clip_config
 
 PROBE_IMAGES = 2
 PROBE_EXTRA_CAPTIONS = ("a photo of a cat", "a diagram with text")
@@ -34,6 +39,61 @@ TRANSFORMERS_REFERENCE = "transformers CLIPModel"
 
 class VerificationError(RuntimeError):
     """The converted folder does not reload into exactly the converted model; the message says what differs."""
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """What the source records, or the user states about it, beyond tensor shapes; None where nothing does.
+
+    `hidden_act` is {"text": ..., "vision": ...}. The references use OpenAI's rules for what is None: 64-wide heads
+    (what OpenAI's `build_model` computes), QuickGELU, LayerNorm epsilon 1e-5."""
+
+    text_heads: int | None = None
+    vision_heads: int | None = None
+    hidden_act: Mapping[str, str] | None = None
+    layer_norm_eps: float | None = None
+
+
+def source_facts(
+    source: Source, text_heads: int | None = None, vision_heads: int | None = None, hidden_act: str | None = None
+) -> SourceFacts:
+    """The facts of `source` (what its files record) completed by the user's flags about it; a flag that
+    contradicts what the files record is refused (ValueError naming both)."""
+    stated = {"text heads": (text_heads, source.text_heads), "image heads": (vision_heads, source.vision_heads)}
+    if hidden_act and source.hidden_act:
+        stated["activation"] = (hidden_act, "/".join(sorted(set(source.hidden_act.values()))))
+    for what, (flag, recorded) in stated.items():
+        if flag is not None and recorded is not None and flag != recorded:
+            raise ValueError(
+                f"the flags say {what} = {flag}, but {source.description} records {recorded}; drop the flag "
+                "(the checkpoint's own value is used) or check the source."
+            )
+    return SourceFacts(
+        text_heads=text_heads or source.text_heads,
+        vision_heads=vision_heads or source.vision_heads,
+        hidden_act={"text": hidden_act, "vision": hidden_act} if hidden_act else source.hidden_act,
+        layer_norm_eps=source.layer_norm_eps,
+    )
+
+
+OPENAI_HEAD_WIDTH = 64
+OPENAI_ACTIVATION = "quick_gelu"
+OPENAI_LAYER_NORM_EPS = 1e-5
+
+
+def reference_config(config, facts: SourceFacts):
+    """A copy of `config` whose head counts, activations and LayerNorm epsilon come from `facts` (or OpenAI's rules)
+    instead of from the converter: the sizes stay (the references load the source tensors strictly, so a wrong
+    size fails there), everything the tensors cannot tell is decided independently."""
+    reference = copy.deepcopy(config)
+    text, vision = reference.text_config, reference.vision_config
+    text.num_attention_heads = facts.text_heads or text.hidden_size // OPENAI_HEAD_WIDTH
+    vision.num_attention_heads = facts.vision_heads or vision.hidden_size // OPENAI_HEAD_WIDTH
+    activations = facts.hidden_act or {}
+    text.hidden_act = activations.get("text", OPENAI_ACTIVATION)
+    vision.hidden_act = activations.get("vision", OPENAI_ACTIVATION)
+    text.layer_norm_eps = vision.layer_norm_eps = facts.layer_norm_eps or OPENAI_LAYER_NORM_EPS
+    return reference
 
 
 @dataclass
@@ -110,15 +170,22 @@ def _token_ids(texts: list[str], text_config, tokenizer_file: Path | None) -> to
 
 
 def reference_outputs(
-    openai_state_dict: Mapping[str, torch.Tensor], config, probe: ProbeInputs, transformers_folder: Path | None
+    openai_state_dict: Mapping[str, torch.Tensor],
+    config,
+    probe: ProbeInputs,
+    transformers_folder: Path | None,
+    facts: SourceFacts,
 ) -> dict[str, Outputs | str]:
     """Outputs of each independent implementation on the probe, or the reason it was skipped.
+
+    `config` gives the sizes only; heads, activations and epsilon come from `facts` (see `reference_config`).
 
     The references run on the very tensors that are about to be written (the source, cast to the output dtype),
     in that dtype: no second copy of the model is made. For a float32 conversion that is the source model in
     float32 exactly (float16/bfloat16 -> float32 is lossless); for half precision the references run in half
     precision too, so the figures compare implementations at that precision.
     """
+    config = reference_config(config, facts)
     results: dict[str, Outputs | str] = {}
     try:
         results[OPENAI_REFERENCE] = _openai_reference(openai_state_dict, config, probe)
@@ -161,9 +228,7 @@ def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
     module = openai_model_module()
     with torch.device("meta"):
         model = module.CLIP(*_openai_clip_args(config))
-    own = {
-        key: value for key, value in weights.items() if key not in ("input_resolution", "context_length", "vocab_size")
-    }
+    own = {key: value for key, value in weights.items() if key not in IGNORED_OPENAI_KEYS}
     model.load_state_dict(own, strict=True, assign=True)
     _adapt_openai_model(model, config, module)
     for layer in model.modules():  # OpenAI's LayerNorm computes in float32 and, on CPU, needs float32 weights
@@ -179,8 +244,9 @@ def _openai_reference(weights, config, probe: ProbeInputs) -> Outputs:
 
 
 def _adapt_openai_model(model, config, module) -> None:
-    """What OpenAI's constructor cannot be told: head counts other than width // 64, GELU instead of QuickGELU;
-    and the causal mask, which is a plain attribute and was built on the meta device."""
+    """What OpenAI's constructor cannot be told: image head counts other than width // 64, GELU instead of
+    QuickGELU, another LayerNorm epsilon; and the causal mask, which is a plain attribute and was built on the meta
+    device."""
     mask = torch.full((config.text_config.max_position_embeddings,) * 2, float("-inf")).triu_(1)
     for block in model.transformer.resblocks:
         block.attn_mask = mask
@@ -197,45 +263,21 @@ def _adapt_openai_model(model, config, module) -> None:
         if activation == "gelu":
             for block in transformer.resblocks:
                 block.mlp.gelu = torch.nn.GELU()
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.LayerNorm):
+            layer.eps = config.text_config.layer_norm_eps
 
 
 def _transformers_reference(weights, config, probe: ProbeInputs, folder: Path | None) -> Outputs | str:
     """transformers' `CLIPModel`: loaded from the source folder when the source is a transformers checkpoint,
     otherwise built from the OpenAI-layout tensors through the inverse key table."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     dtype = weights["ln_final.weight"].dtype
     if folder is not None:  # transformers reads its own checkpoint: an independent check of the key tables too
         model = CLIPModel.from_pretrained(folder, **_dtype_kwarg(dtype), attn_implementation="eager")
     else:
-        from convert_weights import openai_to_transformers_state_dict
-
-        text, vision = config.text_config, config.vision_config
-        hf_config = CLIPConfig(
-            text_config={
-                "vocab_size": text.vocab_size,
-                "hidden_size": text.hidden_size,
-                "intermediate_size": text.intermediate_size,
-                "num_hidden_layers": text.num_hidden_layers,
-                "num_attention_heads": text.num_attention_heads,
-                "max_position_embeddings": text.max_position_embeddings,
-                "hidden_act": text.hidden_act,
-                "layer_norm_eps": text.layer_norm_eps,
-                "bos_token_id": text.vocab_size - 2,
-                "eos_token_id": text.vocab_size - 1,
-            },
-            vision_config={
-                "image_size": vision.image_size,
-                "patch_size": vision.patch_size,
-                "hidden_size": vision.hidden_size,
-                "intermediate_size": vision.intermediate_size,
-                "num_hidden_layers": vision.num_hidden_layers,
-                "num_attention_heads": vision.num_attention_heads,
-                "hidden_act": vision.hidden_act,
-                "layer_norm_eps": vision.layer_norm_eps,
-            },
-            projection_dim=config.projection_dim,
-        )
+        hf_config = transformers_clip_config(config)
         hf_config._attn_implementation = "eager"
         with torch.device("meta"):
             model = CLIPModel(hf_config)
@@ -399,6 +441,7 @@ def parity_table(rows: list[ParityRow], markdown: bool) -> str:
 
 
 __all__ = [
+    "SourceFacts",
     "Outputs",
     "ParityRow",
     "ProbeInputs",
@@ -407,6 +450,8 @@ __all__ = [
     "openai_model_module",
     "parity_table",
     "probe_inputs",
+    "reference_config",
+    "source_facts",
     "reference_outputs",
     "verify_folder",
 ]

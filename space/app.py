@@ -64,7 +64,11 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                     head_grid = gr.Checkbox(False, label="Also show every head of this layer")
                 with gr.Accordion("Rollout options", open=False, visible=False) as rollout_controls:
                     head_fusion = gr.Radio(list(explainer.ROLLOUT_FUSIONS), value="mean", label="Head fusion")
-                    discard_ratio = gr.Slider(0.0, 0.99, value=0.0, step=0.01, label="Discard ratio")
+                    ratio = explainer.DISCARD_RATIO
+                    discard_ratio = gr.Slider(
+                        ratio.minimum, ratio.maximum - 0.01 * ratio.maximum_exclusive, value=ratio.default, step=0.01,
+                        label="Discard ratio",
+                    )  # fmt: skip
                 with gr.Accordion("Relevance options", open=False) as relevance_controls:
                     start_layer = gr.Dropdown(
                         ["last"], value="last", label="First layer used (earlier: sharper, slower)",

@@ -35,6 +35,13 @@ from errors import UserError
 from PIL import Image
 
 SPACE_DIR = Path(__file__).resolve().parent
+try:  # drawing (`clipviz.rendering`) and the method registry (`explaining_clipviz`): installed, or copied in on deploy
+    import explaining_clipviz as registry
+    from clipviz import rendering
+except ImportError:  # running from the repository: both sit next to this folder
+    sys.path.append(str(SPACE_DIR.parent))
+    import explaining_clipviz as registry
+    from clipviz import rendering
 EMBEDDED_NAMES = ("clipviz-tiny-vit", "clipviz-tiny-resnet")
 EMBEDDED_PREFIX = "embedded: "
 OPENAI_ARCHITECTURES = (
@@ -57,50 +64,20 @@ MAX_PROMPT_CHARS = 500  # checked before tokenizing, so a pasted novel costs not
 DISPLAY_LONGEST = 512  # overlays: long side in pixels (aspect ratio kept), small images are scaled up
 GRID_LONGEST = 192  # per-head thumbnails
 
-METHODS = ("attention", "rollout", "relevance", "gradcam")
-METHOD_LABELS = {
-    "attention": "Raw attention",
-    "rollout": "Attention rollout",
-    "relevance": "Relevance (Chefer et al.)",
-    "gradcam": "Grad-CAM",
-}
-VALID_METHODS = {"vit": METHODS, "resnet": ("attention", "relevance", "gradcam")}
-HEAD_FUSIONS = ("mean", "max")  # raw attention: instead of one head
-ROLLOUT_FUSIONS = ("mean", "max", "min")
-COLORMAPS = ("jet", "viridis", "inferno", "gray")
+METHODS = tuple(registry.EXPLAIN_METHODS)  # every method, in the registry's order
+METHOD_LABELS = {name: method.title for name, method in registry.EXPLAIN_METHODS.items()}
+VALID_METHODS = {backbone: tuple(m.name for m in registry.methods_for(backbone)) for backbone in ("vit", "resnet")}
 
-METHOD_NOTES = {
-    "attention": (
-        "**Raw attention** shows how much the image's summary token attends to each region in one layer "
-        "(and one head, or their mean/max). It does not depend on the prompt, so every prompt shows the same map; "
-        "it tells you what the layer gathers, not why a prompt matched. {backbone_note}"
-    ),
-    "rollout": (
-        "**Attention rollout** multiplies the attention of all layers (with the residual path), following how "
-        "information flows from the patches to the summary token. Like raw attention it ignores the prompt. "
-        "Discarding the weakest links sharpens the map."
-    ),
-    "relevance": (
-        "**Relevance** (Chefer et al. 2021) weights attention by its gradient with respect to *this prompt's* "
-        "image–text score: bright regions raised the match with the prompt. Compare prompts side by side; the token "
-        "colours show which words carried the match. {relevance_note}"
-    ),
-    "gradcam": (
-        "**Grad-CAM** weights the last image features by the gradient of the image–text similarity: bright regions "
-        "are where features pushed the score for this prompt up. It is coarse (one feature map) but prompt-specific."
-    ),
-}
-BACKBONE_NOTES = {
-    "vit": "For a ViT the map is the class token's attention over the patch grid.",
-    "resnet": "For a ResNet it is the attention pool's query over the last feature map (the tower's only attention).",
-}
-RELEVANCE_NOTES = {
-    "vit": (
-        "By default only the last layer is used, as in Chefer's CLIP code; under *Relevance options* an earlier "
-        "first layer accumulates more layers (sharper, slower)."
-    ),
-    "resnet": "For a ResNet it is the gradient-weighted attention of the attention pool over the last feature map.",
-}
+
+def _registry_option(method: str, name: str) -> registry.ExplainOption:
+    return next(option for option in registry.EXPLAIN_METHODS[method].options if option.name == name)
+
+
+HEAD_FUSIONS = _registry_option("attention", "head").choices  # raw attention: instead of one head
+ROLLOUT_FUSIONS = _registry_option("rollout", "head_fusion").choices
+DISCARD_RATIO = _registry_option("rollout", "discard_ratio")  # the UI's slider stops short of an exclusive maximum
+COLORMAPS = rendering.OVERLAY_COLORMAPS
+
 UNAVAILABLE_NOTES = {
     ("resnet", "rollout"): (
         "Rollout needs a stack of attention layers; the ResNet image tower has a single attention pool, so rollout "
@@ -201,13 +178,13 @@ class LoadedModel:
 
     @property
     def overlay(self) -> Callable:
-        """The ``overlay`` helper shipped with the model's own code (the Hub remote-code module)."""
-        return sys.modules[type(self.model).__module__].overlay
+        """The ``overlay`` that blends a map over a picture (``clipviz.rendering.overlay``)."""
+        return rendering.overlay
 
     @property
     def colormaps(self) -> tuple[str, ...]:
-        """Colour maps the model's ``overlay`` knows (the module's list when it publishes one)."""
-        return tuple(getattr(sys.modules[type(self.model).__module__], "OVERLAY_COLORMAPS", COLORMAPS))
+        """Colour maps ``overlay`` knows."""
+        return COLORMAPS
 
 
 def load_model(choice: ModelChoice) -> LoadedModel:
@@ -229,9 +206,9 @@ def load_model(choice: ModelChoice) -> LoadedModel:
         preprocessing = _preprocessor_config(choice.source, kwargs)
     except Exception as error:  # network, missing files, bad config: the user needs the reason, not a traceback
         raise ModelLoadError(f"Could not load the model {choice.label!r}: {_first_line(error)}") from error
-    if not hasattr(model, "explain") or not hasattr(sys.modules[type(model).__module__], "overlay"):
+    if not hasattr(model, "explain"):
         raise ModelLoadError(
-            f"The model {choice.label!r} was saved with clipviz code that has no explanations (`explain`/`overlay`); "
+            f"The model {choice.label!r} was saved with clipviz code that has no explanations (`explain`); "
             "convert it again with the current clipviz."
         )
     return LoadedModel(
@@ -400,14 +377,19 @@ def settings_from_ui(
 
 
 def method_options(loaded: LoadedModel, settings: Settings) -> dict:
-    """The keyword options ``model.explain`` takes for this method and backbone (invalid choices: UserError)."""
+    """The keyword options ``model.explain`` takes for this method and backbone (invalid choices: UserError).
+
+    The UI's numbering (layers and heads from 1) is translated here; the values are then checked by the registry
+    (``explaining_clipviz.resolve_options``) against the loaded model. Methods without controls of their own run
+    with the registry's defaults."""
     method, backbone = settings.method, loaded.backbone
     if settings.colormap not in loaded.colormaps:
         raise UserError(f"Unknown colour map {settings.colormap!r}; choose one of: {', '.join(loaded.colormaps)}.")
     if method not in METHODS:
         raise UserError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
     if method not in VALID_METHODS[backbone]:
-        raise UserError(UNAVAILABLE_NOTES[(backbone, method)])
+        raise UserError(unavailable_note(method, backbone))
+    options = {}
     if method == "attention":
         head = _head_option(settings.head, loaded.num_heads)
         # the token row uses the same head where the text tower has it, else the mean over its heads
@@ -415,16 +397,15 @@ def method_options(loaded: LoadedModel, settings: Settings) -> dict:
         options = {"head": head, "text_head": text_head}
         if backbone == "vit":
             options["layer"] = _layer_index(settings.layer, loaded.num_layers, "layer")
-        return options
-    if method == "rollout":
-        if settings.head_fusion not in ROLLOUT_FUSIONS:
-            raise UserError(f"Head fusion must be one of {', '.join(ROLLOUT_FUSIONS)}, not {settings.head_fusion!r}.")
-        if not 0.0 <= settings.discard_ratio < 1.0:
-            raise UserError(f"The discard ratio must be in [0, 1), not {settings.discard_ratio}.")
-        return {"head_fusion": settings.head_fusion, "discard_ratio": float(settings.discard_ratio)}
-    if method == "relevance" and backbone == "vit" and settings.start_layer is not None:
-        return {"start_layer": _layer_index(settings.start_layer, loaded.num_layers, "first relevance layer")}
-    return {}
+    elif method == "rollout":
+        options = {"head_fusion": settings.head_fusion, "discard_ratio": settings.discard_ratio}
+    elif method == "relevance" and backbone == "vit" and settings.start_layer is not None:
+        options = {"start_layer": _layer_index(settings.start_layer, loaded.num_layers, "first relevance layer")}
+    try:
+        registry.resolve_options(method, options, loaded.config)
+    except ValueError as error:
+        raise UserError(f"{METHOD_LABELS[method]}: {error}") from None
+    return options
 
 
 def parse_layer(value: str | int | None) -> int | None:
@@ -475,7 +456,7 @@ class Controls:
 def controls(loaded: LoadedModel) -> Controls:
     """Choices for the model's backbone, depth and heads, and the status text that explains them."""
     valid = VALID_METHODS[loaded.backbone]
-    missing = [UNAVAILABLE_NOTES[(loaded.backbone, m)] for m in METHODS if m not in valid]
+    missing = [unavailable_note(m, loaded.backbone) for m in METHODS if m not in valid]
     vision = loaded.config.vision_config
     tower = f"ViT, {loaded.num_layers} layers" if loaded.backbone == "vit" else "ResNet with an attention pool"
     status = (
@@ -486,20 +467,33 @@ def controls(loaded: LoadedModel) -> Controls:
             f" The text tower has {loaded.num_text_heads} heads: for image heads above that, the token row shows "
             "the mean over its heads."
         )
+    # the registry's bounds of raw attention's layer and head options on this model, in the UI's numbering (from 1)
+    first, last = registry.option_bounds(_registry_option("attention", "layer"), loaded.config)
+    heads = registry.option_bounds(_registry_option("attention", "head"), loaded.config)
     return Controls(
         methods=[(METHOD_LABELS[m], m) for m in valid],
-        layers=["last"] + [str(n) for n in range(1, loaded.num_layers + 1)],
-        heads=list(HEAD_FUSIONS) + [str(h) for h in range(1, loaded.num_heads + 1)],
+        layers=["last"] + [str(n + 1) for n in range(first, last + 1)],
+        heads=[h for h in heads if isinstance(h, str)] + [str(h + 1) for h in heads if isinstance(h, int)],
         has_layers=loaded.backbone == "vit",
         status=status + "".join(f"\n\n{text}" for text in missing),
     )
 
 
 def method_note(method: str, backbone: str) -> str:
-    """The "how to read this" text for a method on a backbone."""
+    """The "how to read this" text for a method on a backbone (the registry's, or why the backbone lacks it)."""
+    if method not in VALID_METHODS[backbone]:
+        return unavailable_note(method, backbone)
+    entry = registry.EXPLAIN_METHODS[method]
+    return f"**{entry.title}**: {entry.how_to_read}"
+
+
+def unavailable_note(method: str, backbone: str) -> str:
+    """Why a method is not offered for a backbone."""
     if (backbone, method) in UNAVAILABLE_NOTES:
         return UNAVAILABLE_NOTES[(backbone, method)]
-    return METHOD_NOTES[method].format(backbone_note=BACKBONE_NOTES[backbone], relevance_note=RELEVANCE_NOTES[backbone])
+    others = ", ".join(METHOD_LABELS[m] for m in VALID_METHODS[backbone])
+    tower = "a ViT" if backbone == "vit" else "a ResNet"
+    return f"{METHOD_LABELS[method]} is not available for {tower} image tower; use one of: {others}."
 
 
 # ---- examples ----

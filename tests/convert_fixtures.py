@@ -43,7 +43,12 @@ class Archive:
 
 def make_archive(path: Path, backbone: str, fp16: bool, seed: int = 0) -> Archive:
     """Trace OpenAI's CLIP (random weights) and save it as a TorchScript archive, fp16 as OpenAI's files are."""
-    config = tiny_openai_config(backbone)
+    return make_archive_from_config(path, tiny_openai_config(backbone), fp16, seed, archive=True)
+
+
+def make_archive_from_config(path: Path, config: CLIPVizConfig, fp16: bool = False, seed: int = 0, archive=False):
+    """`make_archive` for any tiny config (e.g. head counts other than OpenAI's rule); returns the path, or the
+    `Archive` with `archive=True`."""
     model = randomized_openai_clip(config, seed=seed)
     image = pixels(1, config.vision_config.image_size)
     if fp16:
@@ -52,4 +57,4 @@ def make_archive(path: Path, backbone: str, fp16: bool, seed: int = 0) -> Archiv
     with torch.no_grad():
         traced = torch.jit.trace(model, (image, token_ids(1, vocab=OPENAI_VOCAB)), check_trace=False)
     torch.jit.save(traced, str(path))
-    return Archive(path, config, model.float())
+    return Archive(path, config, model.float()) if archive else path

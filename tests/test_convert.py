@@ -1,4 +1,4 @@
-"""clipviz-convert (convert_weights.main): every source kind -> a complete, verified Hub repo folder.
+"""clipviz-convert (convert_weights.main, clipviz.convert): every source kind -> a complete, verified Hub repo folder.
 
 The truth for each conversion is independent of the converter: OpenAI's reference model holding the archive's weights,
 transformers' CLIPModel holding the checkpoint, or the archive's tensors read back with torch.jit.load (tests only).
@@ -22,17 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoProcessor
 
-import convert_weights
 from clipviz import checkpoint_io, hub_repo, verify
-from convert_weights import (
+from clipviz.state_dict import (
+    IGNORED_OPENAI_KEYS,
     CheckpointKeyError,
-    build_parser,
-    main,
     open_clip_to_openai_state_dict,
     openai_to_clipviz_key,
     openai_to_transformers_state_dict,
     transformers_to_openai_state_dict,
 )
+from convert_weights import build_parser, main
 from tests.convert_fixtures import HEAD_FLAGS, OPENAI_VOCAB, make_archive
 from tests.hub_server import USER, HubServer, hub_server_fixture  # noqa: F401 (importing registers the fixture)
 
@@ -41,6 +40,7 @@ EXPECTED_FILES = {
     "README.md",
     "config.json",
     "configuration_clipviz.py",
+    "explaining_clipviz.py",
     "modeling_clipviz.py",
     "model.safetensors",
     "preprocessor_config.json",
@@ -128,7 +128,7 @@ def saved_tensors(folder: Path) -> dict[str, torch.Tensor]:
 def assert_bitwise(saved: dict[str, torch.Tensor], source: dict[str, torch.Tensor], backbone: str, dtype) -> None:
     expected = {}
     for key, tensor in source.items():
-        if key in convert_weights.IGNORED_OPENAI_KEYS:
+        if key in IGNORED_OPENAI_KEYS:
             continue
         expected[openai_to_clipviz_key(key, backbone)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     assert set(saved) == set(expected)
@@ -348,7 +348,7 @@ def test_key_tables_transformers_round_trip_and_errors(archives):
     hf = openai_to_transformers_state_dict(openai)
     assert "vision_model.encoder.layers.1.self_attn.k_proj.weight" in hf
     back = transformers_to_openai_state_dict(hf)
-    assert set(back) == set(openai) - set(convert_weights.IGNORED_OPENAI_KEYS)
+    assert set(back) == set(openai) - set(IGNORED_OPENAI_KEYS)
     assert all(torch.equal(back[k], openai[k]) for k in back)
     del hf["text_model.encoder.layers.0.self_attn.v_proj.bias"]
     with pytest.raises(CheckpointKeyError, match=r"v_proj.*missing"):
@@ -549,15 +549,18 @@ def test_staged_folder_replaces_only_on_success(tmp_path):
         (staging / "half.bin").write_bytes(b"x")
         raise RuntimeError("boom")
     assert not target.exists() and no_leftovers(target)
-    with hub_repo.staged_folder(target, overwrite=False) as staging:
-        (staging / "a.txt").write_text("1")
+    with hub_repo.staged_folder(target, overwrite=False) as staging:  # --overwrite replaces only a conversion
+        (staging / "config.json").write_text('{"model_type": "clipviz"}')
+        (staging / "README.md").write_text("1")
     with hub_repo.staged_folder(target, overwrite=True) as staging:
-        (staging / "b.txt").write_text("2")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"] and no_leftovers(target)
+        (staging / "config.json").write_text('{"model_type": "clipviz"}')
+        (staging / "model.safetensors").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"] and no_leftovers(target)
     hub_repo.staging_path(target.resolve()).mkdir()  # a conversion killed before it could clean up
     with pytest.raises(hub_repo.OutputFolderError, match="delete that folder"):
         with hub_repo.staged_folder(target, overwrite=True):
             pass
-    assert (target / "b.txt").is_file()
+    assert (target / "model.safetensors").read_text() == "2"
+    hub_repo.staging_path(target.resolve()).rmdir()
     assert hub_repo.plan_shards({"a": 5, "b": 5, "c": 20, "d": 1}, 10) == [["a", "b"], ["c"], ["d"]]
     assert hub_repo.parse_size("2GB") == 2 * 10**9 and hub_repo.parse_size("1GiB") == 2**30

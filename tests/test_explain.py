@@ -7,13 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from clipviz.rendering import overlay
 from configuration_clipviz import CLIPVizConfig
-from modeling_clipviz import (
-    CLIPVizExplanationOutput,
-    CLIPVizModel,
-    _discard_lowest,
-    overlay,
-)
+from explaining_clipviz import CLIPVizExplanationOutput, _discard_lowest
+from modeling_clipviz import CLIPVizModel
 
 BOS, EOS = 98, 99
 TEXT = dict(
@@ -262,8 +259,9 @@ def test_batch_equals_one_by_one_and_maps_are_well_formed(backbone, method):
     assert result.logits_per_image.shape == (2, 3)
     for maps in (result.image_maps, result.text_maps):
         assert torch.isfinite(maps).all() and (maps >= 0).all() and not maps.requires_grad
-        peaks = maps.flatten(2).amax(-1)
-        assert torch.all((peaks - 1).abs() < 1e-6) or method == "gradcam"  # Grad-CAM may be all zero
+        peaks = maps.flatten(2).amax(-1)  # [I, T]
+        assert torch.all(((peaks - 1).abs() < 1e-6) | (peaks == 0))  # scaled to 1, or all zero (Grad-CAM can be)
+        assert method == "gradcam" or (peaks > 0).all()
     padding = ~MASK.bool()
     assert (result.text_maps[:, padding] == 0).all()
     for i in range(2):
@@ -282,13 +280,14 @@ def test_text_maps_are_zero_after_end_of_text_without_a_mask(vit):
     assert (result.text_maps[:, ~after] > 0).any()
 
 
-def test_frozen_parameters_and_no_grad_context_still_give_gradient_maps():
+@pytest.mark.parametrize("start", [0, -1])  # -1: the last block rerun for the class token alone
+def test_frozen_parameters_and_no_grad_context_still_give_gradient_maps(start):
     model = tiny_model("vit")
     px = pixels("vit")
-    expected = model.explain(px, IDS, method="relevance", start_layer=0)
+    expected = model.explain(px, IDS, method="relevance", start_layer=start)
     model.requires_grad_(False)
     with torch.no_grad():
-        frozen = model.explain(px, IDS, method="relevance", start_layer=0)
+        frozen = model.explain(px, IDS, method="relevance", start_layer=start)
     torch.testing.assert_close(frozen.image_maps, expected.image_maps)
     torch.testing.assert_close(frozen.text_maps, expected.text_maps)
     assert len(model.text_model.token_embedding._forward_hooks) == 0  # the helper hook is removed again

@@ -69,7 +69,7 @@ def test_folder_ships_weights_code_tokenizer_processor_and_card(loaded):
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "tokenizer.json", "README.md"):
         assert (folder / name).is_file(), name
     # the remote code is the repository's current code (refresh with `python -m clipviz.train_embedded --refresh-code`)
-    for code in ("modeling_clipviz.py", "configuration_clipviz.py", "tokenization_clipviz.py"):
+    for code in ("modeling_clipviz.py", "configuration_clipviz.py", "explaining_clipviz.py", "tokenization_clipviz.py"):
         if code != "tokenization_clipviz.py" or (folder / code).exists():
             assert filecmp.cmp(folder / code, ROOT / code, shallow=False), f"{folder / code} is stale"
     assert type(loaded.model).__name__ == "CLIPVizModel" and hasattr(loaded.model, "explain")

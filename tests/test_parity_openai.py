@@ -8,9 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from clipviz.state_dict import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
 from configuration_clipviz import PRESETS, CLIPVizConfig
-from convert_weights import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
-from modeling_clipviz import CLIPVizMLP
 from tests.conftest import TINY_VOCAB, pixels, tiny_config, token_ids
 from tests.openai_reference import randomized_openai_clip
 
@@ -142,15 +141,6 @@ def test_tiny_parity_both_backbones(backbone):
     reference = tiny_openai(backbone)
     model = tiny_from_openai(reference.state_dict())
     assert model.config.vision_config.backbone == backbone
-    assert_parity(reference, model, pixels(3, model.config.vision_config.image_size), token_ids(2))
-
-
-def test_tiny_parity_with_blocked_mlp(monkeypatch):
-    # large inputs (over ROWS_PER_BLOCK tokens in all) run the MLP in blocks through one buffer; force it here with
-    # blocks of 7 rows, an uneven split of both towers' token counts
-    monkeypatch.setattr(CLIPVizMLP, "ROWS_PER_BLOCK", 7)
-    reference = tiny_openai("vit")
-    model = tiny_from_openai(reference.state_dict())
     assert_parity(reference, model, pixels(3, model.config.vision_config.image_size), token_ids(2))
 
 

@@ -65,7 +65,13 @@ def test_fresh_process_remote_code_load(backbone, implementation, tmp_path):
     folder = tmp_path / "repo"
     model.save_pretrained(folder)
     saved = sorted(p.name for p in folder.iterdir())
-    assert saved == ["config.json", "configuration_clipviz.py", "model.safetensors", "modeling_clipviz.py"]
+    assert saved == [
+        "config.json",
+        "configuration_clipviz.py",
+        "explaining_clipviz.py",
+        "model.safetensors",
+        "modeling_clipviz.py",
+    ]
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_clipviz.CLIPVizConfig",

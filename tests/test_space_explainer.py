@@ -273,8 +273,8 @@ def test_options_map_onto_what_model_explain_accepts(loaded, backbone, settings,
         ("vit", Settings("attention", layer=3), "layer must be from 1 to 2 for this model, not 3"),
         ("vit", Settings("attention", head="5"), "head must be 'mean', 'max' or a number from 1 to 4"),
         ("vit", Settings("attention", head="0"), "head must be 'mean', 'max' or a number from 1 to 4"),
-        ("vit", Settings("rollout", head_fusion="median"), "Head fusion must be one of mean, max, min"),
-        ("vit", Settings("rollout", discard_ratio=1.0), r"discard ratio must be in \[0, 1\)"),
+        ("vit", Settings("rollout", head_fusion="median"), "`head_fusion`='median' .* 'mean', 'max', 'min'"),
+        ("vit", Settings("rollout", discard_ratio=1.0), r"Attention rollout: `discard_ratio`=1.0 .* in \[0, 1\)"),
         ("vit", Settings("relevance", colormap="rainbow"), "Unknown colour map 'rainbow'; choose one of: jet"),
     ],
 )
@@ -299,7 +299,7 @@ def test_every_method_has_a_note_for_every_backbone():
     assert "class token" in explainer.method_note("attention", "vit")
     assert "attention pool" in explainer.method_note("attention", "resnet")
     assert explainer.method_note("rollout", "resnet").startswith("Rollout needs")
-    assert "Relevance options" in explainer.method_note("relevance", "vit")
+    assert "earlier first layer" in explainer.method_note("relevance", "vit")  # the registry's how_to_read
     assert "attention pool" in explainer.method_note("relevance", "resnet")
 
 
@@ -478,3 +478,29 @@ def test_scene_examples_are_the_projects_held_out_scenes():
         stored = np.asarray(Image.open(explainer.SPACE_DIR / "examples" / entry["file"]))
         assert np.array_equal(stored, scene.image)
         assert entry["prompts"][:-1] == scene.captions and entry["prompts"][-1] not in scene.captions
+
+
+def test_deployed_space_folder_finds_registry_and_drawing_in_its_own_copies(tmp_path):
+    """A Space repository is ``space/`` alone plus the copies its README lists; nothing of the checkout is on the
+    path, so the method registry and ``overlay`` must come from those copies."""
+    import os
+    import shutil
+    import subprocess
+
+    space = shutil.copytree(ROOT / "space", tmp_path / "space", ignore=shutil.ignore_patterns("examples", "models"))
+    (space / "clipviz").mkdir()
+    for name in ("__init__.py", "rendering.py"):
+        shutil.copyfile(ROOT / "clipviz" / name, space / "clipviz" / name)
+    shutil.copyfile(ROOT / "explaining_clipviz.py", space / "explaining_clipviz.py")
+    script = (
+        "import explainer; "
+        "print(explainer.registry.__file__, explainer.rendering.__file__, ','.join(explainer.VALID_METHODS['vit']))"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=space, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    registry_file, rendering_file, methods = result.stdout.split()
+    assert Path(registry_file).parent == space and Path(rendering_file).parent == space / "clipviz"
+    assert methods.split(",")[:4] == ["attention", "rollout", "relevance", "gradcam"]

@@ -253,6 +253,13 @@ class CLIPVizConfig(PretrainedConfig):
         vision_config (`dict` or `CLIPVizVisionConfig`, *optional*): settings of the image tower.
         projection_dim (`int`, defaults to 512): size of the joint embedding (`embed_dim` in OpenAI's code).
         logit_scale_init_value (`float`, defaults to log(1 / 0.07)): initial value of the learned log temperature.
+        initializer_factor (`float`, defaults to 1.0): scales the standard deviations (and xavier gain) of OpenAI's
+            random initialization, as in transformers' CLIP; loaded weights are unaffected.
+        explain_method (`str`, defaults to `"relevance"`): the method `model.explain` uses when called without
+            `method=` (a name in `explaining_clipviz.EXPLAIN_METHODS` available for the image tower).
+        explain_options (`dict`, defaults to `{}`): that method's options (e.g. `{"start_layer": 0}`); options
+            passed to `explain` override them. Both are checked when `explain` uses them, with an error naming
+            the config.
     """
 
     model_type = "clipviz"
@@ -260,12 +267,21 @@ class CLIPVizConfig(PretrainedConfig):
     PRESET_NAMES = tuple(PRESETS)
 
     def __init__(
-        self, text_config=None, vision_config=None, projection_dim=512, logit_scale_init_value=2.6592, **kwargs
+        self,
+        text_config=None,
+        vision_config=None,
+        projection_dim=512,
+        logit_scale_init_value=2.6592,
+        explain_method="relevance",
+        explain_options=None,
+        **kwargs,
     ):
         self.text_config = self._sub_config(CLIPVizTextConfig, text_config, "text_config")
         self.vision_config = self._sub_config(CLIPVizVisionConfig, vision_config, "vision_config")
         self.projection_dim = projection_dim
         self.logit_scale_init_value = logit_scale_init_value
+        self.explain_method = explain_method
+        self.explain_options = {} if explain_options is None else explain_options
         self.initializer_factor = kwargs.pop("initializer_factor", 1.0)
         self.auto_map = {**ZERO_SHOT_AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__init__(**kwargs)

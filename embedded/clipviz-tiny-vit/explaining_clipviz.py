@@ -1,0 +1,805 @@
+"""clipviz explanations: where CLIP looks in each image, and at which prompt tokens, for every image x prompt pair.
+
+`CLIPVizModel.explain` (from `CLIPVizExplainMixin`) validates its options and dispatches through one registry,
+`EXPLAIN_METHODS`: each entry names a method, its options (kinds, defaults, ranges, the backbones where they exist),
+what it costs, how to read its maps and where it comes from. Adding a method is one function and one `register(...)`.
+
+A method function takes `(model, inputs, options)`: `inputs` an [`ExplainInputs`] holding the raw inputs, `options`
+the dict `resolve_options` returned (every option filled in, layer indices non-negative). It runs the towers itself
+through [`encode`] (choosing attentions, hidden states and which towers keep an autograd graph), which fills the
+tower fields of `inputs` in place, and returns `(image_maps [I, T, grid_h, grid_w], text_maps [I, T, L])` unscaled;
+`explain` masks, scales and detaches them. Methods that need a different forward can call the model's modules and
+`modeling_module()`'s helpers (e.g. `multi_head_attention`) directly, but still call `encode` for the logits.
+
+Gradient methods ask autograd only for the tensors they read (attention weights from `start_layer` on, or one
+layer's tokens), with one vmapped backward per side whose batch is the other side's count, never a full
+`backward()` per prompt.
+
+This file ships to the Hub as remote code next to `modeling_clipviz.py`, which imports it: it imports only torch,
+transformers and the standard library, and reaches the modeling file only lazily (`modeling_module`), never at
+import time.
+"""
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+# ---- Registry ----
+
+OPTION_KINDS = ("int", "float", "choice", "image_layer", "text_layer", "image_head", "text_head")
+BACKBONES = ("vit", "resnet")
+COSTS = ("forward only", "one backward", "per-layer backward")
+
+
+@dataclass(frozen=True)
+class ExplainOption:
+    """One keyword option of an explanation method.
+
+    `kind` says how it is checked: "int"/"float" against `minimum`/`maximum` (inclusive, except a float's maximum
+    when `maximum_exclusive`), "choice" against `choices`, "image_layer"/"text_layer" as a Python-style layer index
+    of that tower (negative counts from the end), "image_head"/"text_head" as a head index of that tower or one of
+    `choices` (named fusions such as "mean"). A "text_head" whose value is None takes the method's "image_head"
+    value (which must then exist in the text tower too).
+    """
+
+    name: str
+    kind: str
+    default: Any
+    help: str
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    backbones: tuple[str, ...] = BACKBONES
+    maximum_exclusive: bool = False
+
+
+@dataclass(frozen=True)
+class ExplainMethod:
+    """One explanation method: the `method=` string and everything a caller or a UI needs to offer it.
+
+    `function(model, inputs, options)` returns `(image_maps [I, T, grid_h, grid_w], text_maps [I, T, L])`, unscaled
+    (see the module docstring). `prompt_dependent`: whether the image map changes with the prompt. `cost`: one of
+    `COSTS`, what it takes beyond one forward of each tower. `needs_grad`: `explain` runs the function with autograd
+    enabled (otherwise under `torch.no_grad()`).
+    """
+
+    name: str
+    title: str
+    function: Callable
+    backbones: tuple[str, ...]
+    options: tuple[ExplainOption, ...]
+    prompt_dependent: bool
+    cost: str
+    needs_grad: bool
+    how_to_read: str
+    reference: str
+
+
+EXPLAIN_METHODS: dict[str, ExplainMethod] = {}  # in registration order
+
+
+def register(method: ExplainMethod) -> ExplainMethod:
+    """Add `method` to `EXPLAIN_METHODS` (its name must be new); returns it."""
+    if method.name in EXPLAIN_METHODS:
+        raise ValueError(f"An explanation method named {method.name!r} is already registered.")
+    if method.cost not in COSTS:
+        raise ValueError(f"Method {method.name!r}: `cost` must be one of {', '.join(map(repr, COSTS))}.")
+    unknown = [b for b in method.backbones if b not in BACKBONES]
+    unknown += [f"{o.name}: {o.kind}" for o in method.options if o.kind not in OPTION_KINDS]
+    if unknown:
+        raise ValueError(f"Method {method.name!r}: unknown backbone(s) or option kind(s) {unknown}.")
+    EXPLAIN_METHODS[method.name] = method
+    return method
+
+
+def methods_for(backbone: str) -> list[ExplainMethod]:
+    """The registered methods available for an image tower ("vit" or "resnet"), in registry order."""
+    return [method for method in EXPLAIN_METHODS.values() if backbone in method.backbones]
+
+
+def _image_layers(config) -> int:
+    """Attention layers of the image tower: the ViT's blocks, or the ResNet's one attention pool."""
+    vision = config.vision_config
+    return vision.num_hidden_layers if vision.backbone == "vit" else 1
+
+
+def _tower_size(kind: str, config) -> int:
+    """Layers or heads of the tower an option of this kind indexes."""
+    if kind == "image_layer":
+        return _image_layers(config)
+    if kind == "text_layer":
+        return config.text_config.num_hidden_layers
+    return (config.vision_config if kind == "image_head" else config.text_config).num_attention_heads
+
+
+def option_bounds(option: ExplainOption, config) -> tuple:
+    """What `option` accepts on this model, for UIs: layers `(0, num_layers - 1)` (negative indices are also
+    accepted, counted from the end), heads the valid values `(0, ..., num_heads - 1, *choices)`, "choice" its
+    `choices`, "int"/"float" `(minimum, maximum)` (see `maximum_exclusive`)."""
+    if option.kind in ("image_layer", "text_layer"):
+        return 0, _tower_size(option.kind, config) - 1
+    if option.kind in ("image_head", "text_head"):
+        return tuple(range(_tower_size(option.kind, config))) + tuple(option.choices)
+    if option.kind == "choice":
+        return tuple(option.choices)
+    return option.minimum, option.maximum
+
+
+def _check_layer(name: str, value, num_layers: int) -> int:
+    """A Python-style layer index (negative counts from the end), returned non-negative."""
+    valid = list(range(-num_layers, num_layers))
+    if isinstance(value, bool) or not isinstance(value, int) or value not in valid:
+        raise ValueError(f"`{name}`={value!r} is out of range; valid values: {valid[0]} .. {valid[-1]}.")
+    return value % num_layers
+
+
+def _check_head(name: str, head, valid: tuple) -> None:
+    is_head = isinstance(head, str) or (isinstance(head, int) and not isinstance(head, bool))  # not 1.0 / True
+    if not is_head or head not in valid:
+        raise ValueError(f"`{name}`={head!r} is not valid here; valid values: {', '.join(map(repr, valid))}.")
+
+
+def _check_number(option: ExplainOption, value):
+    """An "int"/"float" option's value within `minimum`/`maximum`; floats are returned as `float`."""
+    low, high = option.minimum, option.maximum
+    valid = isinstance(value, int if option.kind == "int" else (int, float)) and not isinstance(value, bool)
+    if valid and low is not None:
+        valid = value >= low
+    if valid and high is not None:
+        valid = value < high if option.maximum_exclusive else value <= high
+    if not valid:
+        what = "a whole number" if option.kind == "int" else "a number"
+        low_text, high_text = ("-inf" if low is None else f"{low:g}"), ("inf" if high is None else f"{high:g}")
+        closing = ")" if option.maximum_exclusive or high is None else "]"
+        raise ValueError(f"`{option.name}`={value!r} must be {what} in [{low_text}, {high_text}{closing}.")
+    return float(value) if option.kind == "float" else value
+
+
+def resolve_options(method_name: str, options: dict, config) -> dict:
+    """Validate `options` for `method_name` on the model `config` describes (a `CLIPVizConfig`) and return every
+    option of the method, defaults filled in and layer indices made non-negative.
+
+    Raises:
+        ValueError: an unknown method, a method or option the backbone lacks, or a bad value; the message lists the
+            valid methods, options or values.
+    """
+    backbone = config.vision_config.backbone
+    if method_name not in EXPLAIN_METHODS:
+        raise ValueError(f"Unknown explanation method {method_name!r}; valid methods: {', '.join(EXPLAIN_METHODS)}.")
+    method = EXPLAIN_METHODS[method_name]
+    if backbone not in method.backbones:
+        valid = ", ".join(m.name for m in methods_for(backbone))
+        raise ValueError(
+            f"Method {method_name!r} is not available for the {backbone} backbone; valid methods: {valid}."
+        )
+    if not isinstance(options, dict):
+        raise ValueError(f"Explanation options must be a dict of option names to values, got {options!r}.")
+    declared = [option for option in method.options if backbone in option.backbones]
+    unknown = sorted(set(options) - {option.name for option in declared})
+    if unknown:
+        valid = ", ".join(option.name for option in declared) or "none"
+        raise ValueError(
+            f"Unknown option(s) {unknown} for method {method_name!r} on {backbone}; valid options: {valid}."
+        )
+    resolved = {option.name: options.get(option.name, option.default) for option in declared}
+    for option in declared:
+        value = resolved[option.name]
+        if option.kind in ("image_layer", "text_layer"):
+            resolved[option.name] = _check_layer(option.name, value, _tower_size(option.kind, config))
+        elif option.kind in ("image_head", "text_head"):
+            if value is None and option.kind == "text_head":
+                value = resolved[option.name] = _image_head_for_text(declared, resolved, option, config)
+            _check_head(option.name, value, option_bounds(option, config))
+        elif option.kind == "choice":
+            if value not in option.choices:
+                valid = ", ".join(map(repr, option.choices))
+                raise ValueError(f"`{option.name}`={value!r} is not valid here; valid values: {valid}.")
+        else:
+            resolved[option.name] = _check_number(option, value)
+    return resolved
+
+
+def _image_head_for_text(declared, resolved: dict, option: ExplainOption, config):
+    """The value of the method's image-head option, for a text-head option left at None."""
+    image = next((o for o in declared if o.kind == "image_head"), None)
+    if image is None:
+        raise ValueError(f"`{option.name}` must be a text head index or one of {option.choices}, not None.")
+    head, text_heads = resolved[image.name], config.text_config.num_attention_heads
+    if isinstance(head, int) and not isinstance(head, bool) and head >= text_heads:
+        raise ValueError(
+            f"`{image.name}`={head!r} exists in the image tower ({config.vision_config.num_attention_heads} heads) "
+            f"but not in the text tower ({text_heads} heads): also pass `{option.name}` (a text head index, "
+            f"{' or '.join(map(repr, option.choices))})."
+        )
+    return head
+
+
+# ---- Inputs: one pass of each tower for every pair ----
+
+
+def modeling_module():
+    """`modeling_clipviz`, wherever it was loaded from (a Hub remote-code package, or a top-level module).
+
+    Imported on first use: the modeling file imports this one, so it cannot be imported at import time here.
+    Methods reach shared model helpers through it, e.g. `modeling_module().multi_head_attention`.
+    """
+    try:  # Hub remote code: the sibling module of the same package
+        from . import modeling_clipviz
+    except ImportError:  # a plain top-level module (pip install / repository checkout)
+        modeling_clipviz = importlib.import_module("modeling_clipviz")
+    return modeling_clipviz
+
+
+@dataclass
+class ExplainInputs:
+    """What a method works from: the raw inputs, and the towers' outputs once [`encode`] has run.
+
+    Shapes: `pixel_values` `[I, 3, S, S]` (detached), `input_ids`/`attention_mask` `[T, L]`, `text_valid` `[T, L]`
+    (bool: tokens up to and including the first end-of-text token, minus padding), `grid` `(grid_h, grid_w)`,
+    `vision`/`text` the towers' `BaseModelOutputWithPooling`, `image_features` `[I, P]`, `text_features` `[T, P]`
+    (projected), `image_unit`/`text_unit` (L2-normalized), `logits` `[I, T]` (scaled cosine similarities).
+    """
+
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    text_valid: torch.Tensor
+    grid: tuple[int, int] | None = None
+    vision: Any = None
+    text: Any = None
+    image_features: torch.Tensor | None = None
+    text_features: torch.Tensor | None = None
+    image_unit: torch.Tensor | None = None
+    text_unit: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    @classmethod
+    def from_inputs(cls, pixel_values, input_ids, attention_mask=None) -> "ExplainInputs":
+        return cls(pixel_values.detach(), input_ids, attention_mask, _text_valid_mask(input_ids, attention_mask))
+
+
+def encode(
+    model,
+    inputs: ExplainInputs,
+    *,
+    image_attentions: bool = True,
+    image_hidden_states: bool = True,
+    image_graph: bool = False,
+    text_attentions: bool = True,
+    text_hidden_states: bool = False,
+    text_graph: bool = False,
+) -> ExplainInputs:
+    """Run each tower once on `inputs` and fill its tower fields in place (returned for convenience): the towers'
+    outputs, projected and normalized features, the logits of every pair and the grid.
+
+    `image_attentions`/`text_attentions` and `*_hidden_states` choose what the towers return. `image_graph` /
+    `text_graph`: that tower builds an autograd graph (when grad is enabled, as `explain` does for methods with
+    `needs_grad`), so that attentions, hidden states and features can be differentiated; the graph reaches them
+    even when the model's parameters are frozen (the image side through `pixel_values.requires_grad_`, the text
+    side through a temporary hook on the token embedding). Without a graph a tower runs under `no_grad`; with
+    attentions off, ViT attention runs on the fast SDPA path.
+    """
+    grad = torch.is_grad_enabled()
+    pixel_values = inputs.pixel_values.detach().requires_grad_(image_graph and grad)
+    with torch.set_grad_enabled(image_graph and grad):
+        vision = model.vision_model(
+            pixel_values, output_attentions=image_attentions, output_hidden_states=image_hidden_states
+        )
+    embedding = model.text_model.token_embedding
+    hook = embedding.register_forward_hook(_require_grad) if text_graph and grad else None
+    try:
+        with torch.set_grad_enabled(text_graph and grad):
+            text = model.text_model(
+                inputs.input_ids,
+                inputs.attention_mask,
+                output_attentions=text_attentions,
+                output_hidden_states=text_hidden_states,
+            )
+    finally:
+        if hook is not None:
+            hook.remove()
+    with torch.set_grad_enabled((image_graph or text_graph) and grad):
+        image_features = model.vision_model.project(vision.pooler_output)  # [I, P]
+        text_features = text.pooler_output @ model.text_projection.to(text.pooler_output.dtype)  # [T, P]
+        image_unit = image_features / image_features.norm(dim=-1, keepdim=True)
+        text_unit = text_features / text_features.norm(dim=-1, keepdim=True)
+        logits = model.logit_scale.exp().to(image_unit.dtype) * image_unit @ text_unit.t()  # [I, T]
+    if model.config.vision_config.backbone == "resnet":
+        grid = tuple(vision.last_hidden_state.shape[-2:])
+    else:
+        patch = model.config.vision_config.patch_size
+        grid = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+    inputs.grid, inputs.vision, inputs.text = grid, vision, text
+    inputs.image_features, inputs.text_features = image_features, text_features
+    inputs.image_unit, inputs.text_unit, inputs.logits = image_unit, text_unit, logits
+    return inputs
+
+
+def _require_grad(module, args, output):
+    """Forward hook: an output computed without grad (frozen parameters) becomes a leaf that requires grad."""
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
+def _text_valid_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`[T, L]` bool: tokens up to and including the first end-of-text token (OpenAI's argmax), minus padding."""
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    valid = positions[None, :] <= input_ids.argmax(dim=-1)[:, None]  # [T, L]
+    if attention_mask is not None:
+        valid = valid & attention_mask.bool()
+    return valid
+
+
+# ---- Shared pieces ----
+
+
+def _fuse_heads(weights: torch.Tensor, head) -> torch.Tensor:
+    """Select one head or fuse them: `[..., heads, q, k]` -> `[..., q, k]`."""
+    if head == "mean":
+        return weights.mean(dim=-3)
+    if head == "max":
+        return weights.amax(dim=-3)
+    if head == "min":
+        return weights.amin(dim=-3)
+    return weights[..., head, :, :]
+
+
+def _scale_to_max_one(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Clamp at 0 and divide each map (over `dims`) by its maximum; all-zero maps stay zero."""
+    maps = maps.clamp(min=0)
+    peak = maps.amax(dim=dims, keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def _to_grid(maps: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
+    """`[I, T, gh*gw]` -> `[I, T, gh, gw]` (row-major, as the towers flatten their grids)."""
+    grid_h, grid_w = inputs.grid
+    return maps.reshape(*maps.shape[:2], grid_h, grid_w)  # [I, T, gh, gw]
+
+
+def _per_pair(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt-independent image maps `[I, N]` and image-independent text maps `[T, L]` -> `[I, T, N]`, `[I, T, L]`."""
+    num_images, num_texts = image.shape[0], text.shape[0]
+    return image[:, None].expand(num_images, num_texts, -1), text[None].expand(num_images, num_texts, -1)
+
+
+def _eot_rows(matrices: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Row of each prompt's end-of-text token: `[..., T, L, L]` -> `[..., T, L]` (the prompt axis is dim -3)."""
+    eot = input_ids.argmax(dim=-1)  # [T]
+    index = eot.view(-1, 1, 1).expand(*matrices.shape[:-2], 1, matrices.shape[-1])  # [..., T, 1, L]
+    return matrices.gather(-2, index).squeeze(-2)  # [..., T, L]
+
+
+def _batched_grads(target: torch.Tensor, inputs: list[torch.Tensor], cotangents: torch.Tensor) -> list[torch.Tensor]:
+    """d(cotangents[k] . target)/d(inputs) for every k, as one vmapped backward: `[K, *input.shape]` each.
+
+    Only the graph between `target` and `inputs` is run (autograd prunes the rest, and parameter gradients are
+    never computed), which is what keeps explanations cheap.
+    """
+    return list(torch.autograd.grad(target, inputs, grad_outputs=cotangents, retain_graph=True, is_grads_batched=True))
+
+
+def _one_hot_cotangents(num_images: int, num_texts: int, per: str, like: torch.Tensor) -> torch.Tensor:
+    """Cotangents selecting one logit per (image, text) pair, batched along one side.
+
+    `per="text"`: `[T, I, T]`, entry k picks column k, so the image tower's gradient for image i is that of
+    logit (i, k) (images are independent rows). `per="image"`: `[I, I, T]`, entry k picks row k, likewise for
+    the text tower.
+    """
+    if per == "text":
+        eye = torch.eye(num_texts, dtype=like.dtype, device=like.device)
+        return eye[:, None, :].expand(num_texts, num_images, num_texts)  # [T, I, T]
+    eye = torch.eye(num_images, dtype=like.dtype, device=like.device)
+    return eye[:, :, None].expand(num_images, num_images, num_texts)  # [I, I, T]
+
+
+def _chefer_relevance(attentions: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
+    """Chefer et al. 2021: `R <- R + mean_h ReLU(dy/dA * A) @ R`, from the identity, over the given layers.
+
+    attentions: per layer `[B, heads, N, N]`; grads: per layer `[K, B, heads, N, N]` (K targets).
+    Returns `R`: `[K, B, N, N]`.
+    """
+    size = attentions[0].shape[-1]
+    batch = (grads[0].shape[0], attentions[0].shape[0])
+    relevance = torch.eye(size, dtype=torch.float32, device=attentions[0].device).expand(*batch, size, size)
+    for weights, grad in zip(attentions, grads, strict=True):
+        cam = (grad.float() * weights.detach().float()[None]).clamp(min=0).mean(dim=2)  # [K, B, N, N]
+        relevance = relevance + cam @ relevance  # [K, B, N, N]
+    return relevance
+
+
+def _rollout(attentions: list[torch.Tensor], head_fusion: str, discard_ratio: float) -> torch.Tensor:
+    """Abnar & Zuidema 2020: fuse heads, drop the weakest links, add the residual, renormalize rows, multiply.
+
+    attentions: per layer `[B, heads, N, N]`. Returns `[B, N, N]` = a_last @ ... @ a_first.
+    """
+    size = attentions[0].shape[-1]
+    eye = torch.eye(size, dtype=torch.float32, device=attentions[0].device)
+    result = eye.expand(attentions[0].shape[0], size, size)  # [B, N, N]
+    for weights in attentions:
+        fused = _fuse_heads(weights.float(), head_fusion)  # [B, N, N]
+        fused = _discard_lowest(fused, discard_ratio)
+        mixed = (fused + eye) / 2
+        mixed = mixed / mixed.sum(dim=-1, keepdim=True)  # each row sums to 1
+        result = mixed @ result  # [B, N, N]
+    return result
+
+
+def _discard_lowest(fused: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Zero the lowest `ratio` of each `[N, N]` map's entries, per sample, never the class->class entry."""
+    batch, size, _ = fused.shape
+    count = int(size * size * ratio)
+    if count == 0:
+        return fused
+    flat = fused.reshape(batch, size * size)  # [B, N*N]
+    ranked = flat.clone()
+    ranked[:, 0] = float("inf")  # the class token's attention to itself is never discarded
+    lowest = ranked.topk(min(count, size * size - 1), dim=-1, largest=False).indices  # [B, count]
+    return flat.scatter(1, lowest, 0.0).reshape(batch, size, size)  # [B, N, N]
+
+
+# ---- Methods: each returns (image_maps [I, T, gh, gw], text_maps [I, T, L]) before scaling ----
+
+
+def attention_maps(model, inputs: ExplainInputs, options: dict):
+    """Raw attention of the class token (ViT) or the attention pool's query (ResNet), and of the end-of-text
+    token over its prompt, in one layer: one head or a fusion of them."""
+    encode(model, inputs)
+    weights = inputs.vision.attentions[options["layer"]]  # [I, heads, q, 1 + gh*gw]
+    image = _fuse_heads(weights[:, :, :1, 1:], options["head"])[:, 0]  # [I, gh*gw]
+    text_weights = inputs.text.attentions[options["text_layer"]]  # [T, heads, L, L]
+    text = _eot_rows(_fuse_heads(text_weights, options["text_head"]), inputs.input_ids)  # [T, L]
+    image_maps, text_maps = _per_pair(image, text)
+    return _to_grid(image_maps, inputs), text_maps
+
+
+def rollout_maps(model, inputs: ExplainInputs, options: dict):
+    """Attention rollout over every layer of both towers (the text tower without discarding)."""
+    encode(model, inputs)
+    image = _rollout(list(inputs.vision.attentions), options["head_fusion"], options["discard_ratio"])
+    image = image[:, 0, 1:]  # [I, gh*gw]: the class token's row, without itself
+    text = _eot_rows(_rollout(list(inputs.text.attentions), options["head_fusion"], 0.0), inputs.input_ids)  # [T, L]
+    image_maps, text_maps = _per_pair(image, text)
+    return _to_grid(image_maps, inputs), text_maps
+
+
+def relevance_maps(model, inputs: ExplainInputs, options: dict):
+    """Chefer's gradient x attention relevance of the image-prompt logit, for both towers."""
+    vision_config = model.config.vision_config
+    # relevance from the last ViT layer only is recomputed from the class token's row (see
+    # `_last_layer_relevance`): the image tower then runs without a graph, on the fast attention path
+    shortcut = vision_config.backbone == "vit" and options["start_layer"] == vision_config.num_hidden_layers - 1
+    encode(model, inputs, image_attentions=not shortcut, image_graph=not shortcut, text_graph=True)
+    logits = inputs.logits
+    if shortcut:
+        image = _last_layer_relevance(model, inputs)  # [T, I, gh*gw]
+    else:
+        image_weights = list(inputs.vision.attentions[options.get("start_layer", 0) :])  # ResNet: the pool
+        cotangents = _one_hot_cotangents(*logits.shape, "text", logits)
+        grads = _batched_grads(logits, image_weights, cotangents)  # each [T, I, heads, q, k]
+        if vision_config.backbone == "resnet":
+            cam = (grads[0].float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
+            image = cam[:, :, 0, 1:]  # [T, I, h*w]: the mean token's query row, grid keys only
+        else:
+            image = _chefer_relevance(image_weights, grads)[:, :, 0, 1:]  # [T, I, gh*gw]
+    return _to_grid(image.transpose(0, 1), inputs), _text_relevance(inputs, options["start_layer_text"])
+
+
+def _text_relevance(inputs: ExplainInputs, start_layer: int) -> torch.Tensor:
+    """Chefer's relevance of each prompt token for each image: `[I, T, L]`."""
+    logits = inputs.logits
+    num_images, num_texts = logits.shape
+    text_weights = list(inputs.text.attentions[start_layer:])
+    text_grads = _batched_grads(logits, text_weights, _one_hot_cotangents(num_images, num_texts, "image", logits))
+    relevance = _chefer_relevance(text_weights, text_grads)  # [I, T, L, L]
+    eye = torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
+    return _eot_rows(relevance - eye, inputs.input_ids)  # [I, T, L]
+
+
+def _last_layer_relevance(model, inputs: ExplainInputs) -> torch.Tensor:
+    """Chefer's image relevance over the last ViT layer alone: there `R = I + cam`, so the map is the class
+    token's row of `mean_h ReLU(dy/dA * A)`, and only that row of `A` reaches the logit.
+
+    The tower ran without attentions (on SDPA); the last block is rerun here for the class token alone
+    (`num_queries=1`) from its detached input, so each prompt's backward costs one token instead of all of them
+    (autograd would push zero rows through every token's MLP). Returns `[T, I, gh*gw]`.
+    """
+    vision, block = model.vision_model, model.vision_model.encoder.layers[-1]
+    # requires grad so that the row is in the graph even with frozen parameters; only the row's gradient is asked for
+    hidden = inputs.vision.hidden_states[-2].detach().requires_grad_(True)  # [I, N, D]: the last block's input
+    with torch.enable_grad():
+        token, weights = block(hidden, output_attentions=True, num_queries=1)  # [I, 1, D], [I, heads, 1, N]
+        pooled = vision.ln_post(token[:, 0])  # [I, D]
+        features = vision.project(pooled)  # [I, P]
+        unit = features / features.norm(dim=-1, keepdim=True)
+        logits = model.logit_scale.exp().to(unit.dtype) * unit @ inputs.text_unit.detach().t()  # [I, T]
+        cotangents = _one_hot_cotangents(logits.shape[0], logits.shape[1], "text", logits)
+        (grad,) = _batched_grads(logits, [weights], cotangents)  # [T, I, heads, 1, N]
+    cam = (grad.float() * weights.detach().float()[None]).clamp(min=0).mean(dim=2)  # [T, I, 1, N]
+    return cam[:, :, 0, 1:]
+
+
+def gradcam_maps(model, inputs: ExplainInputs, options: dict):
+    """Grad-CAM of the image-prompt similarity on the last image stage or tokens, and on the text tokens."""
+    encode(model, inputs, image_graph=True, text_graph=True, text_hidden_states=True)
+    image_features, text_features = inputs.image_features, inputs.text_features
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    image_target = image_features @ inputs.text_unit.detach().t()  # [I, T]
+    per_text = _one_hot_cotangents(num_images, num_texts, "text", image_target)
+    if model.config.vision_config.backbone == "resnet":
+        features = inputs.vision.last_hidden_state  # [I, C, h, w]: the last stage
+        (grad,) = _batched_grads(image_target, [features], per_text)  # [T, I, C, h, w]
+        weights = grad.float().mean(dim=(-2, -1))  # [T, I, C]
+        image = (weights[..., None, None] * features.detach().float()[None]).sum(dim=2)  # [T, I, h, w]
+        image = image.flatten(2).clamp(min=0)  # [T, I, h*w]
+    else:
+        tokens = inputs.vision.hidden_states[-2]  # [I, 1 + gh*gw, D]: the tokens entering the last block
+        (grad,) = _batched_grads(image_target, [tokens], per_text)  # [T, I, 1 + gh*gw, D]
+        weights = grad.float()[:, :, 1:].mean(dim=2)  # [T, I, D]
+        image = (tokens.detach().float()[None, :, 1:] * weights[:, :, None]).sum(-1).clamp(min=0)  # [T, I, gh*gw]
+    text_target = inputs.image_unit.detach() @ text_features.t()  # [I, T]
+    per_image = _one_hot_cotangents(num_images, num_texts, "image", text_target)
+    text_tokens = inputs.text.hidden_states[-2]  # [T, L, D]: the tokens entering the last text block
+    (text_grad,) = _batched_grads(text_target, [text_tokens], per_image)  # [I, T, L, D]
+    valid = inputs.text_valid.to(text_grad.dtype)  # [T, L]
+    text_weights = (text_grad.float() * valid[..., None]).sum(2) / valid.sum(1)[:, None]  # [I, T, D]
+    text = (text_tokens.detach().float()[None] * text_weights[:, :, None]).sum(-1).clamp(min=0)  # [I, T, L]
+    return _to_grid(image.transpose(0, 1), inputs), text
+
+
+HEAD_CHOICES = ("mean", "max")
+
+register(
+    ExplainMethod(
+        name="attention",
+        title="Raw attention",
+        function=attention_maps,
+        backbones=("vit", "resnet"),
+        options=(
+            ExplainOption("layer", "image_layer", -1, "image attention layer (ResNet: its one attention pool)"),
+            ExplainOption("head", "image_head", "mean", "image head index, or the mean/max over heads", HEAD_CHOICES),
+            ExplainOption("text_layer", "text_layer", -1, "text attention layer"),
+            ExplainOption(
+                "text_head", "text_head", None, "text head index, or mean/max; None: the same as `head`", HEAD_CHOICES
+            ),
+        ),
+        prompt_dependent=False,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "Raw attention shows how much the image's summary token attends to each region in one layer (and one "
+            "head, or their mean/max): for a ViT the class token's attention over the patch grid, for a ResNet the "
+            "attention pool's query over the last feature map (the tower's only attention). It does not depend on "
+            "the prompt, so every prompt shows the same map; it tells you what the layer gathers, not why a prompt "
+            "matched. The token colours are the end-of-text token's attention over the prompt."
+        ),
+        reference="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (ACL), raw attention baseline.",
+    )
+)
+
+register(
+    ExplainMethod(
+        name="rollout",
+        title="Attention rollout",
+        function=rollout_maps,
+        backbones=("vit",),
+        options=(
+            ExplainOption("head_fusion", "choice", "mean", "how each layer's heads are fused", ("mean", "max", "min")),
+            ExplainOption(
+                "discard_ratio",
+                "float",
+                0.0,
+                "fraction of each fused image attention map zeroed (lowest first), in [0, 1)",
+                minimum=0.0,
+                maximum=1.0,
+                maximum_exclusive=True,
+            ),
+        ),
+        prompt_dependent=False,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "Attention rollout multiplies the attention of all layers (with the residual path), following how "
+            "information flows from the patches to the summary token. Like raw attention it ignores the prompt. "
+            "Discarding the weakest links sharpens the map. It needs a stack of attention layers, so a ResNet image "
+            "tower (a single attention pool, where rollout would equal raw attention) does not offer it."
+        ),
+        reference="Abnar & Zuidema 2020, Quantifying Attention Flow in Transformers (ACL).",
+    )
+)
+
+register(
+    ExplainMethod(
+        name="relevance",
+        title="Relevance (Chefer et al.)",
+        function=relevance_maps,
+        backbones=("vit", "resnet"),
+        options=(
+            ExplainOption(
+                "start_layer",
+                "image_layer",
+                -1,
+                "first image layer accumulated (-1: the last only, as Chefer's CLIP code; earlier: sharper, slower)",
+                backbones=("vit",),
+            ),
+            ExplainOption("start_layer_text", "text_layer", -1, "first text layer accumulated"),
+        ),
+        prompt_dependent=True,
+        cost="one backward",
+        needs_grad=True,
+        how_to_read=(
+            "Relevance weights attention by its gradient with respect to this prompt's image-text score: bright "
+            "regions raised the match with the prompt. Compare prompts side by side; the token colours show which "
+            "words carried the match. For a ViT only the last layer is used by default, as in Chefer's CLIP code; "
+            "an earlier first layer accumulates more layers (sharper, slower). For a ResNet it is the "
+            "gradient-weighted attention of the attention pool over the last feature map."
+        ),
+        reference=(
+            "Chefer, Gur & Wolf 2021, Generic Attention-model Explainability for Interpreting Bi-Modal and "
+            "Encoder-Decoder Transformers (ICCV)."
+        ),
+    )
+)
+
+register(
+    ExplainMethod(
+        name="gradcam",
+        title="Grad-CAM",
+        function=gradcam_maps,
+        backbones=("vit", "resnet"),
+        options=(),
+        prompt_dependent=True,
+        cost="one backward",
+        needs_grad=True,
+        how_to_read=(
+            "Grad-CAM weights the last image features by the gradient of the image-text similarity: bright regions "
+            "are where features pushed the score for this prompt up. It is coarse (one feature map) but "
+            "prompt-specific."
+        ),
+        reference=(
+            "Selvaraju et al. 2017, Grad-CAM: Visual Explanations from Deep Networks via Gradient-based "
+            "Localization (ICCV)."
+        ),
+    )
+)
+
+
+# ---- The model's `explain` ----
+
+
+@dataclass
+class CLIPVizExplanationOutput(ModelOutput):
+    """Output of [`CLIPVizExplainMixin.explain`]: one map per image x prompt pair.
+
+    Args:
+        image_maps (`torch.FloatTensor` of shape `[num_images, num_texts, grid_h, grid_w]`): where the image tower
+            looks, on its token grid (ViT patches, or the ResNet attention-pool grid), row-major as in the image.
+            Non-negative, each map scaled to a maximum of 1 (an all-zero map stays zero). Upsample and blend it with
+            `clipviz.rendering.overlay`.
+        text_maps (`torch.FloatTensor` of shape `[num_images, num_texts, seq_len]`): how much each token of each
+            prompt matters, on the same scale (maximum 1 per map); 0 on padding and after the first end-of-text
+            token. The start and end-of-text tokens are included; drop them for display if you like.
+        logits_per_image (`torch.FloatTensor` of shape `[num_images, num_texts]`): the model's scaled cosine
+            similarities for the same pairs, as in [`CLIPVizModel.forward`].
+    """
+
+    image_maps: torch.FloatTensor | None = None
+    text_maps: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+
+
+class CLIPVizExplainMixin:
+    """Adds `explain` (every method of `EXPLAIN_METHODS`) and `overlay` to [`CLIPVizModel`]."""
+
+    def explain(
+        self,
+        pixel_values: torch.FloatTensor,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        method: str | None = None,
+        **options,
+    ) -> CLIPVizExplanationOutput:
+        """Maps of where the model looks in each image, and at which tokens, for each prompt.
+
+        Every image is paired with every prompt: both towers run once, whatever the number of pairs. Call it on a
+        model in eval mode (BatchNorm of the ResNet tower uses its running statistics then).
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `[num_images, 3, size, size]`): processed images.
+            input_ids (`torch.LongTensor` of shape `[num_texts, length]`): tokenized prompts.
+            attention_mask (`torch.Tensor` of shape `[num_texts, length]`, *optional*): 1 for tokens, 0 for padding.
+            method (`str`, *optional*): a name in `EXPLAIN_METHODS` (`methods_for(backbone)` lists those of a
+                backbone). None: the model's default, `config.explain_method` with `config.explain_options` (the
+                keyword options given here override them). The methods:
+                - `"attention"`: raw attention of the class token (ViT) or of the attention pool's mean-token query
+                  (ResNet) over the grid, and of the end-of-text token over the prompt. Prompt-independent on the
+                  image side. Options: `layer` (image layer index, default -1; ResNet: its one pool, -1 or 0),
+                  `text_layer` (default -1), `head` (an image head index, `"mean"` or `"max"`, default `"mean"`),
+                  `text_head` (the same for the text tower; default: `head`, which must then exist there too).
+                - `"rollout"` (ViT only): attention rollout (Abnar & Zuidema 2020) over all layers, for both towers.
+                  Options: `head_fusion` (`"mean"`, `"max"`, `"min"`), `discard_ratio` (in [0, 1): the lowest
+                  fraction of each fused image attention map is zeroed, never the class->class entry; the text
+                  tower is rolled out without discarding). Rows are renormalized after adding the identity.
+                - `"relevance"` (the config's default method): Chefer et al. 2021 gradient x attention,
+                  `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y` the image-prompt logit; the image
+                  map is the class token's row, the text map the end-of-text token's row minus the identity.
+                  Options: `start_layer` (ViT, first image layer used, default -1 = the last one, as Chefer's CLIP
+                  code, and about the cost of a forward whatever the number of prompts; 0 uses every layer: sharper
+                  on small models, but one image-tower backward per prompt) and `start_layer_text` (default -1).
+                  ResNet: the attention pool's gradient-weighted attention `mean_h ReLU(dy/dA * A)` of the mean
+                  token over the grid.
+                - `"gradcam"`: Grad-CAM with `y` = image embedding . unit text embedding, on the last ResNet stage
+                  (channel weights = mean gradient over the grid) or on the tokens entering the last ViT block
+                  (token features weighted by their mean gradient); the text side likewise on the tokens entering
+                  the last text block, with `y` = unit image embedding . text embedding.
+            options: the method's options (`EXPLAIN_METHODS[method].options`).
+
+        Returns:
+            [`CLIPVizExplanationOutput`] with `image_maps` `[num_images, num_texts, grid_h, grid_w]`, `text_maps`
+            `[num_images, num_texts, length]` and `logits_per_image` `[num_images, num_texts]`, all detached.
+
+        Raises:
+            ValueError: for an unknown method, a method or option the backbone does not support (the message lists
+                the valid ones), an option value out of range, or an invalid default in the config.
+        """
+        if method is None:
+            method, options = self.config.explain_method, self._default_explain_options(options)
+        resolved = resolve_options(method, options, self.config)
+        entry = EXPLAIN_METHODS[method]
+        self._check_text(input_ids, attention_mask)
+        modeling_module()._check_image_size(pixel_values, self.config.vision_config, False)
+        inputs = ExplainInputs.from_inputs(pixel_values, input_ids, attention_mask)
+        with torch.enable_grad() if entry.needs_grad else torch.no_grad():
+            image_maps, text_maps = entry.function(self, inputs, resolved)
+        if inputs.logits is None:
+            raise RuntimeError(f"Explanation method {method!r} returned without calling `encode` for the logits.")
+        text_maps = text_maps.float() * inputs.text_valid[None].to(text_maps.dtype)  # [I, T, L]
+        return CLIPVizExplanationOutput(
+            image_maps=_scale_to_max_one(image_maps.float(), dims=(-2, -1)).detach(),
+            text_maps=_scale_to_max_one(text_maps, dims=(-1,)).detach(),
+            logits_per_image=inputs.logits.detach(),
+        )
+
+    def _default_explain_options(self, options: dict) -> dict:
+        """`config.explain_options` overridden by `options`, after checking the config's defaults on their own (so
+        that a bad `config.json` is named as such)."""
+        method, defaults = self.config.explain_method, self.config.explain_options
+        try:
+            resolve_options(method, defaults, self.config)
+        except ValueError as error:
+            raise ValueError(
+                f"The model's default explanation is invalid (config.explain_method={method!r}, "
+                f"config.explain_options={defaults!r}): {error} Fix them in config.json, or pass `method=`."
+            ) from error
+        return {**defaults, **options}
+
+    @staticmethod
+    def overlay(image, map, alpha: float = 0.5, colormap: str = "jet"):
+        """`clipviz.rendering.overlay`: blend a map over the image (a PIL image). Needs the clipviz package (and
+        Pillow, numpy); the model itself does not."""
+        try:
+            from clipviz.rendering import overlay
+        except ImportError as error:
+            raise ImportError(
+                "`model.overlay` draws with the clipviz package's `clipviz.rendering` (which needs Pillow and numpy): "
+                f"install clipviz, or blend `explain(...).image_maps` yourself ({error})."
+            ) from error
+        return overlay(image, map, alpha=alpha, colormap=colormap)
+
+
+__all__ = [
+    "CLIPVizExplainMixin",
+    "CLIPVizExplanationOutput",
+    "EXPLAIN_METHODS",
+    "ExplainInputs",
+    "ExplainMethod",
+    "ExplainOption",
+    "encode",
+    "methods_for",
+    "option_bounds",
+    "register",
+    "resolve_options",
+]
