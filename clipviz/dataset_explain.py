@@ -431,35 +431,33 @@ def _num_shards(total: int, shard_rows: int) -> int:
     return -(-total // shard_rows)
 
 
-def _my_rows(total: int | None, shard_rows: int, rank: int, world: int) -> int | None:
-    if total is None:
-        return None
-    return sum(min(shard_rows, total - k * shard_rows) for k in range(rank, _num_shards(total, shard_rows), world))
+def _todo(total: int, shard_rows: int, output: Path) -> list[int]:
+    """The shards of a map-style dataset not written yet."""
+    return [k for k in range(_num_shards(total, shard_rows)) if not (output / SHARD_NAME.format(k)).exists()]
 
 
-def _my_shards(dataset, shard_rows: int, rank: int, world: int, output: Path, seen: list[int]):
-    """Yield (shard index, rows as a ``Dataset``, or None when the shard is already written) for this process."""
+def _my_shards(dataset, shard_rows: int, rank: int, world: int, output: Path, todo: list[int] | None):
+    """Yield (shard index, its rows as a ``Dataset``) for this process.
+
+    Map-style: this process's share of the shards still to do (``todo``, listed by every process before any
+    writes, so a resumed run spreads the rest evenly). Streaming (``todo`` None): one pass over the stream, shards
+    ``k % world == rank``, finished ones skipped, one shard in memory."""
     import datasets
 
-    if isinstance(dataset, datasets.Dataset):
+    if todo is not None:
         total = dataset.num_rows
-        seen.append(_num_shards(total, shard_rows))
-        for shard in range(rank, seen[0], world):
-            if (output / SHARD_NAME.format(shard)).exists():
-                yield shard, None
-            else:
-                yield shard, dataset.select(range(shard * shard_rows, min((shard + 1) * shard_rows, total)))
+        for shard in todo[rank::world]:
+            yield shard, dataset.select(range(shard * shard_rows, min((shard + 1) * shard_rows, total)))
         return
-    count = 0
-    for shard, rows in enumerate(dataset.iter(batch_size=shard_rows)):  # streaming: one pass, one shard in memory
-        count = shard + 1
-        if shard % world != rank:
-            continue
-        if (output / SHARD_NAME.format(shard)).exists():
-            yield shard, None
-        else:
+    for shard, rows in enumerate(dataset.iter(batch_size=shard_rows)):
+        if shard % world == rank and not (output / SHARD_NAME.format(shard)).exists():
             yield shard, datasets.Dataset.from_dict(rows, features=dataset.features)
-    seen.append(count)
+
+
+def _stream_shards(output: Path) -> int:
+    """Shards of a finished streaming run: one past the highest written (every process read the whole stream)."""
+    written = [int(path.stem.split("-")[1]) for path in output.glob("shard-*.parquet")]
+    return max(written, default=-1) + 1
 
 
 def _write_shard(output: Path, shard: int, part, explainer: _Explainer, settings: Settings) -> None:
@@ -623,21 +621,20 @@ def explain_dataset(
     columns = [image_column] + ([prompt_column] if prompt_column and prompt_column != image_column else [])
     dataset = dataset.select_columns(columns).cast_column(image_column, datasets.Image(decode=False))
     total = dataset.num_rows if isinstance(dataset, datasets.Dataset) else None
+    todo = _todo(total, shard_rows, output) if total is not None else None
+    state.wait_for_everyone()  # every process has listed the shards to do before any is written
     bar = None
     if progress and state.is_main_process:
         from tqdm.auto import tqdm
 
-        mine = _my_rows(total, shard_rows, state.process_index, state.num_processes)
+        mine = (
+            None if todo is None else sum(min(shard_rows, total - k * shard_rows) for k in todo[:: state.num_processes])
+        )
         bar = tqdm(total=mine, unit="row", desc=f"explain (process 1 of {state.num_processes})", dynamic_ncols=True)
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
-    seen: list[int] = []
     try:
-        for shard, part in _my_shards(dataset, shard_rows, state.process_index, state.num_processes, output, seen):
-            if part is None:  # written by an earlier run
-                if bar is not None:
-                    bar.update(shard_rows if total is None else min(shard_rows, total - shard * shard_rows))
-                continue
+        for shard, part in _my_shards(dataset, shard_rows, state.process_index, state.num_processes, output, todo):
             explainer = _Explainer(loaded_model, processor, settings, label_names, shard * shard_rows, bar)
             _write_shard(output, shard, part, explainer, settings)
             if explainer.skipped:
@@ -654,7 +651,8 @@ def explain_dataset(
             bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = finish_manifest(output, manifest, seen[0] if seen else 0)
+        shards = _num_shards(total, shard_rows) if total is not None else _stream_shards(output)
+        manifest = finish_manifest(output, manifest, shards)
     return manifest
 
 
