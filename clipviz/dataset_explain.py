@@ -156,7 +156,7 @@ def load_input(
         return datasets.load_dataset(source, name, split=split or "train", revision=revision, streaming=streaming)
     except ExplainError:
         raise
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as error:  # OSError: ConnectionError too
         raise ExplainError(f"cannot load dataset {source!r}: {str(error).splitlines()[0]}") from None
 
 
