@@ -1,9 +1,10 @@
-"""One attention layer, two ways, side by side: the choices `modeling_clipviz.multi_head_attention` makes by measurement.
+"""One attention layer, two ways, side by side: the measurements behind `modeling_clipviz`'s attention choices.
 
 Without a graph (`--mode forward`, under `torch.no_grad`): PyTorch's SDPA vs the explicit softmax(QK^T)V the
-model runs when weights are needed. `modeling_clipviz` takes the explicit one for bf16 on CPU only while it is
->= 5% faster there. With a graph (`--mode backward`, the weights in the autograd graph as explanations need them,
-forward + backward): the explicit path on the strided q/k/v views of the fused projection vs on a contiguous copy.
+model runs when weights are needed. `modeling_clipviz` takes the explicit one without weights only for bf16 on CPUs
+with AVX-512 BF16, where it measured faster. With a graph (`--mode backward`, the weights in the autograd graph as
+explanations need them, forward + backward): the explicit path on the strided q/k/v views of the fused projection
+(what the model does) vs on a contiguous copy of them.
 
 Default sizes: one ViT-B/16 layer (197 tokens, width 768, 12 heads) at batch 16.
 
@@ -25,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_forward import interleaved_times, paired_ratio  # noqa: E402
-from modeling_clipviz import multi_head_attention  # noqa: E402
+from modeling_clipviz import _cpu_has_avx512_bf16, multi_head_attention  # noqa: E402
 
 
 def split_qkv(qkv: torch.Tensor, heads: int, contiguous: bool):
@@ -67,7 +68,8 @@ def main() -> None:
     first, second = runs
     print(
         f"{args.mode}, {args.dtype}, batch {args.batch}, {args.tokens} tokens, width {args.width}, {args.heads} heads; "
-        f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, AVX-512 BF16: {_cpu_has_avx512_bf16()}, "
+        f"{torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, {args.repeats} rounds"
     )
     for label, values in times.items():

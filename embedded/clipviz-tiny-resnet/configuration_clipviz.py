@@ -22,6 +22,18 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
+def _check_positive_float(name: str, value) -> None:
+    """LayerNorm's epsilon and the like: a finite number above 0 (0 or less divides by zero or by a negative
+    variance, inf flattens every output: both only produce NaN/inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"`{name}` must be a finite number above 0 (e.g. 1e-5), got {value!r}.")
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+
+
 def _check_heads(width_name: str, width: int, heads: int) -> None:
     _check_positive_int(width_name, width)
     _check_positive_int("num_attention_heads", heads)
@@ -44,7 +56,7 @@ class CLIPVizTextConfig(PretrainedConfig):
         num_attention_heads (`int`, defaults to 8): attention heads per block; must divide `hidden_size`.
         max_position_embeddings (`int`, defaults to 77): the context length; longer `input_ids` are rejected.
         hidden_act (`str`, defaults to `"quick_gelu"`): `"quick_gelu"` (OpenAI) or `"gelu"` (some open_clip models).
-        layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm.
+        layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm, a finite number above 0.
         bos_token_id / eos_token_id / pad_token_id (`int`): OpenAI's `<|startoftext|>`, `<|endoftext|>` and the
             padding id (OpenAI pads with 0; pooling takes the first maximal id, so padding never changes it).
     """
@@ -86,6 +98,8 @@ class CLIPVizTextConfig(PretrainedConfig):
             _check_positive_int(name, getattr(self, name))
         _check_heads("hidden_size", self.hidden_size, self.num_attention_heads)
         _check_choice("hidden_act", self.hidden_act, ACTIVATIONS)
+        _check_positive_float("layer_norm_eps", self.layer_norm_eps)
+        _check_finite("initializer_factor", self.initializer_factor)
 
 
 class CLIPVizVisionConfig(PretrainedConfig):
@@ -105,7 +119,7 @@ class CLIPVizVisionConfig(PretrainedConfig):
         resnet_layers (`list[int]`, defaults to `[3, 4, 6, 3]`): Bottleneck blocks in each of the 4 ResNet stages.
         resnet_width (`int`, defaults to 64): ResNet stem width (stage widths are 1, 2, 4, 8 times this, x4 out).
         hidden_act (`str`, defaults to `"quick_gelu"`): ViT MLP activation, `"quick_gelu"` or `"gelu"`.
-        layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm.
+        layer_norm_eps (`float`, defaults to 1e-5): epsilon of every LayerNorm, a finite number above 0.
     """
 
     model_type = "clipviz_vision_model"
@@ -160,6 +174,8 @@ class CLIPVizVisionConfig(PretrainedConfig):
         _check_positive_int("image_size", self.image_size)
         if self.num_channels != 3:
             raise ValueError(f"`num_channels` must be 3 (OpenAI's CLIP takes RGB images), got {self.num_channels!r}.")
+        _check_positive_float("layer_norm_eps", self.layer_norm_eps)
+        _check_finite("initializer_factor", self.initializer_factor)
         if self.backbone == "vit":
             self._validate_vit()
         else:
@@ -286,6 +302,8 @@ class CLIPVizConfig(PretrainedConfig):
         self.auto_map = {**ZERO_SHOT_AUTO_MAP, **(kwargs.pop("auto_map", None) or {})}
         super().__init__(**kwargs)
         _check_positive_int("projection_dim", self.projection_dim)
+        _check_finite("logit_scale_init_value", self.logit_scale_init_value)
+        _check_finite("initializer_factor", self.initializer_factor)
 
     @staticmethod
     def _sub_config(config_class, value, name):

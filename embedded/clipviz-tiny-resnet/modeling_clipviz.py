@@ -541,7 +541,10 @@ class CLIPVizPreTrainedModel(PreTrainedModel):
 # ---- The CLIP model ----
 
 
-def _check_image_size(pixel_values: torch.Tensor, config, interpolate_pos_encoding: bool) -> None:
+def _check_image_size(
+    pixel_values: torch.Tensor, config, interpolate_pos_encoding: bool, can_interpolate: bool = True
+) -> None:
+    """`can_interpolate=False` for callers without `interpolate_pos_encoding` (explain): the fix offered is resizing."""
     if pixel_values.ndim != 4:
         raise ValueError(
             f"`pixel_values` must have shape [batch, 3, height, width], got {tuple(pixel_values.shape)}; "
@@ -554,9 +557,10 @@ def _check_image_size(pixel_values: torch.Tensor, config, interpolate_pos_encodi
         )
     height, width = pixel_values.shape[-2:]
     if not interpolate_pos_encoding and (height, width) != (config.image_size, config.image_size):
+        alternative = ", or pass `interpolate_pos_encoding=True`" if can_interpolate else " (explain() needs that size)"
         raise ValueError(
             f"Input image size ({height}x{width}) doesn't match the model's ({config.image_size}x{config.image_size}); "
-            f"resize to {config.image_size} with the model's image processor, or pass `interpolate_pos_encoding=True`."
+            f"resize to {config.image_size} with the model's image processor{alternative}."
         )
     minimum = config.patch_size if config.backbone == "vit" else RESNET_DOWNSAMPLING
     if min(height, width) < minimum:
@@ -595,6 +599,8 @@ class CLIPVizModel(CLIPVizExplainMixin, CLIPVizPreTrainedModel):
         config = self.config.text_config
         if input_ids.ndim != 2:
             raise ValueError(f"`input_ids` must have shape [batch, length], got {tuple(input_ids.shape)}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError("`input_ids` has no tokens (length 0); each text needs at least its end-of-text token.")
         if input_ids.shape[1] > config.max_position_embeddings:
             raise ValueError(
                 f"`input_ids` has {input_ids.shape[1]} tokens but the context length is "

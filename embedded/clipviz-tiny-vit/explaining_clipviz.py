@@ -750,7 +750,7 @@ class CLIPVizExplainMixin:
         resolved = resolve_options(method, options, self.config)
         entry = EXPLAIN_METHODS[method]
         self._check_text(input_ids, attention_mask)
-        modeling_module()._check_image_size(pixel_values, self.config.vision_config, False)
+        modeling_module()._check_image_size(pixel_values, self.config.vision_config, False, can_interpolate=False)
         inputs = ExplainInputs.from_inputs(pixel_values, input_ids, attention_mask)
         with torch.enable_grad() if entry.needs_grad else torch.no_grad():
             image_maps, text_maps = entry.function(self, inputs, resolved)
