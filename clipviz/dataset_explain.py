@@ -480,11 +480,15 @@ def _write_shard(output: Path, shard: int, part, explainer: _Explainer, settings
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"clipviz": json.dumps(meta).encode()})
     final = output / SHARD_NAME.format(shard)
     tmp = output / f".{final.name}.tmp"
-    with open(tmp, "wb") as handle:
-        pq.write_table(table, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+    except BaseException:  # Ctrl-C or a write error: no half shard left behind (SIGKILL's is overwritten on resume)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def shard_meta(path: Path) -> dict:
@@ -754,6 +758,12 @@ def main(argv: list[str] | None = None) -> int:
     except ExplainError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the finished shards in {args.output} are kept; run the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
     if "num_shards" in manifest:  # the main process
         print(
             f"{manifest['rows_seen']} rows ({manifest['rows_skipped']} skipped as unreadable), "
