@@ -40,7 +40,7 @@ from clipviz import scenes  # noqa: E402
 from clipviz.dataset_explain import decode_image, explain_dataset, load_input, parse_method  # noqa: E402
 
 METHODS = ("attention", "rollout", "relevance", "relevance:start_layer=0", "gradcam")
-PROMPTS = ("a photo of a red circle", "a photo of a blue square")
+PROMPTS = list(scenes.all_captions()[:2])  # --prompts N: the first N scene captions
 # cost of each method as a multiple of a plain forward (bench_explain.py, ViT-B/16, 1 prompt; README)
 COST_MULTIPLE = {
     "attention": 1.03,
@@ -203,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=256, help="images per dataset run")
     parser.add_argument("--loop-images", type=int, default=64, help="images for the per-image loop")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of this process")
+    parser.add_argument(
+        "--prompts", type=int, default=2, help="fixed prompts per image (the loop calls explain per prompt)"
+    )
     parser.add_argument("--processes", type=int, default=0, help="also compare 1 vs N processes (0: skip)")
     parser.add_argument("--flops", action="store_true", help="also print the FLOP-based 1M-image estimate")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    PROMPTS[:] = scenes.all_captions()[: args.prompts]
     import datasets
     from transformers.utils import logging as transformers_logging
 

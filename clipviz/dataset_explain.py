@@ -736,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    source = {"path": args.dataset, "split": args.split, "name": args.name, "revision": args.revision}
+    path = str(Path(args.dataset).resolve()) if Path(args.dataset).exists() else args.dataset  # clipviz-eval: any cwd
+    source = {"path": path, "split": args.split, "name": args.name, "revision": args.revision}
     try:
         dataset = load_input(args.dataset, args.split, args.revision, args.name, args.streaming)
         manifest = explain_dataset(
