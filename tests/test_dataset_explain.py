@@ -366,3 +366,16 @@ def test_method_registry_entries_decide_gradients():
     for name, entry in registry.items():
         assert needs_grad(model, name) == entry.needs_grad
     assert needs_grad(model, "gradcam") and not needs_grad(model, "attention")
+
+
+def test_a_resumed_run_spreads_the_remaining_shards_over_the_processes(tmp_path):
+    from clipviz.dataset_explain import _my_shards, _todo
+
+    rows = datasets.Dataset.from_dict({"x": list(range(22))})
+    for done in (0, 3):
+        (tmp_path / SHARD_NAME.format(done)).write_bytes(b"")
+    todo = _todo(rows.num_rows, 4, tmp_path)
+    assert todo == [1, 2, 4, 5]  # 6 shards of 4 rows, the last one of 2
+    shares = [[(k, part["x"][:]) for k, part in _my_shards(rows, 4, rank, 2, tmp_path, todo)] for rank in (0, 1)]
+    assert [k for k, _ in shares[0]] == [1, 4] and [k for k, _ in shares[1]] == [2, 5]
+    assert shares[1][1][1] == [20, 21] and shares[0][0][1] == [4, 5, 6, 7]
