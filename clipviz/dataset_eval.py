@@ -9,8 +9,9 @@ Per method (one table row each, also written as JSON):
   the threshold sweep (every ``mIoU@t`` in the JSON);
 - with a point column (OpenImagesV7-style ``{"y", "x", "positive"}`` points per prompt): ``p-mIoU`` at 0.5 and
   ``best p-mIoU`` over the sweep;
-- with ``--faithfulness``: ``deletion`` and ``insertion`` AUC of the prompt's logit (Petsiuk et al. 2018), which
-  runs the model again (``--steps + 1`` images per map).
+- with ``--faithfulness``: ``deletion`` and ``insertion`` AUC of the prompt's logit (Petsiuk et al. 2018), the mean
+  over maps of the area under each curve; removed pixels take the processor's mean colour (zeros) in both curves, as
+  in ``benchmarks/eval_localization.py``. It runs the model again (``--steps + 1`` images per map).
 
 Every metric comes from :mod:`clipviz.metrics`, the code ``benchmarks/eval_localization.py`` uses. The dataset is
 the one recorded in the run's manifest unless another is given; rows are matched by their position.
@@ -97,9 +98,10 @@ class _Faithfulness:
             tokens = self.processor.tokenizer(prompts, padding="longest", return_tensors="pt").to(self.device)
             text = self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
             text = text / text.norm(dim=-1, keepdim=True)  # [T, P]
+            removed = torch.zeros_like(pixel_values)  # the dataset mean colour, in both curves (as eval_localization)
             images = torch.cat(
                 [
-                    metrics.perturbation_images(pixel_values, maps[label][t], mode, self.steps)
+                    metrics.perturbation_images(pixel_values, maps[label][t], mode, self.steps, removed)
                     for label, t, mode in curves
                 ]
             )  # [curves * (steps + 1), 3, H, W]
