@@ -30,7 +30,7 @@ GOAL_RATIO = 1.3
 MAKE_ARCHIVE = textwrap.dedent(
     """
     import sys, torch
-    from tests.openai_reference import openai_model_module
+    from clipviz.openai_clip import openai_model_module
     path, dtype = sys.argv[1:3]
     torch.manual_seed(0)
     module = openai_model_module()

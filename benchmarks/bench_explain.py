@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from clipviz.state_dict import transformers_clip_config  # noqa: E402
 from configuration_clipviz import CLIPVizConfig  # noqa: E402
 from modeling_clipviz import CLIPVizModel  # noqa: E402
 
@@ -110,28 +111,7 @@ def transformers_twin(model: CLIPVizModel):
     """transformers' `CLIPModel` (eager) of the same ViT architecture; random weights (speed only)."""
     import transformers
 
-    text, vision = model.config.text_config, model.config.vision_config
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            max_position_embeddings=text.max_position_embeddings,
-            eos_token_id=text.eos_token_id,
-            bos_token_id=text.bos_token_id,
-        ),
-        vision_config=dict(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-        ),
-        projection_dim=model.config.projection_dim,
-    )
+    config = transformers_clip_config(model.config)
     return transformers.CLIPModel._from_config(config, attn_implementation="eager").eval()
 
 

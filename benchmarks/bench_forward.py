@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipviz.state_dict import from_openai_state_dict  # noqa: E402
+from clipviz.state_dict import from_openai_state_dict, transformers_clip_config  # noqa: E402
 from configuration_clipviz import CLIPVizConfig  # noqa: E402
 from tests.openai_reference import randomized_openai_clip  # noqa: E402
 
@@ -61,28 +61,9 @@ def paired_ratio(times: dict[str, list[float]], numerator: str, denominators: tu
 
 def transformers_clip(config: CLIPVizConfig, implementation: str, dtype):
     """transformers' CLIPModel with the same ViT architecture (random weights: only speed is compared here)."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
-    text, vision = config.text_config, config.vision_config
-    hf_config = CLIPConfig(
-        text_config={
-            "hidden_size": text.hidden_size,
-            "intermediate_size": text.intermediate_size,
-            "num_hidden_layers": text.num_hidden_layers,
-            "num_attention_heads": text.num_attention_heads,
-            "hidden_act": "quick_gelu",
-        },
-        vision_config={
-            "hidden_size": vision.hidden_size,
-            "intermediate_size": vision.intermediate_size,
-            "num_hidden_layers": vision.num_hidden_layers,
-            "num_attention_heads": vision.num_attention_heads,
-            "patch_size": vision.patch_size,
-            "image_size": vision.image_size,
-            "hidden_act": "quick_gelu",
-        },
-        projection_dim=config.projection_dim,
-    )
+    hf_config = transformers_clip_config(config)
     hf_config._attn_implementation = implementation
     return CLIPModel(hf_config).to(dtype).eval()
 

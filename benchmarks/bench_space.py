@@ -71,6 +71,7 @@ def save_vit_b16(folder: Path) -> Path:
     sys.path.insert(0, str(ROOT))
     from transformers import CLIPImageProcessor
 
+    from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
     from clipviz.tokenizer_files import write_tokenizer_files
     from configuration_clipviz import CLIPVizConfig
     from modeling_clipviz import CLIPVizModel
@@ -80,7 +81,7 @@ def save_vit_b16(folder: Path) -> Path:
     write_tokenizer_files(folder)
     CLIPImageProcessor(
         size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, resample=3,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        image_mean=list(OPENAI_MEAN), image_std=list(OPENAI_STD),
     ).save_pretrained(folder)  # fmt: skip
     return folder
 

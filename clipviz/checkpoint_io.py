@@ -78,6 +78,7 @@ __all__ = [
     "read_torchscript_state_dict",
     "refuse_aliased_tensors",
     "refuse_repeating_views",
+    "sha256_file",
     "validate_safetensors_header",
 ]
 
@@ -1049,7 +1050,7 @@ def download_openai_checkpoint(
     folder = Path(cache_dir) if cache_dir is not None else default_openai_cache_dir()
     target = folder / url.rstrip("/").split("/")[-1]
     if target.is_file():
-        if _sha256_file(target) == expected:
+        if sha256_file(target) == expected:
             return target
         warnings.warn(f"{target} exists but its SHA-256 does not match {expected}; downloading it again", stacklevel=2)
     elif target.exists():
@@ -1067,7 +1068,8 @@ def _refuse_if_offline(name: str, target: Path) -> None:
         raise DownloadError(f"OpenAI checkpoint {name!r} is not cached at {target} and HF_HUB_OFFLINE is set")
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checks a cached download; a model card's record of its source)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):

@@ -14,6 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 OVERLAY_COLORMAPS = ("jet", "viridis", "inferno", "gray")
+# "full": every pixel gets `alpha` of the colour map; "fade": a pixel gets `alpha * value`, so regions the map leaves
+# low stay the plain image (readable) and only the strong regions are coloured
+OVERLAY_STYLES = ("full", "fade")
 
 _COLORMAP_HEX = {  # 11 evenly spaced stops, interpolated linearly
     "viridis": "440154 482475 414487 355f8d 2a788e 21918c 22a884 44bf70 7ad151 bddf26 fde725",
@@ -38,7 +41,7 @@ def _apply_colormap(values: torch.Tensor, colormap: str) -> torch.Tensor:
     return stops[low] * (1 - frac) + stops[low + 1] * frac  # [h, w, 3]
 
 
-def overlay(image, map, alpha: float = 0.5, colormap: str = "jet"):
+def overlay(image, map, alpha: float = 0.5, colormap: str = "jet", style: str = "full"):
     """Blend an explanation map over the original image and return a PIL image of the image's size.
 
     The processor resizes the short side and centre-crops, so the map covers the centred region of the map's
@@ -51,9 +54,13 @@ def overlay(image, map, alpha: float = 0.5, colormap: str = "jet"):
             `explain(...).image_maps[i, t]`; it is scaled to a maximum of 1 here.
         alpha (`float`): in [0, 1].
         colormap (`str`): one of `OVERLAY_COLORMAPS` ("jet", "viridis", "inferno", "gray").
+        style (`str`): "full" (the colour map over the whole region, `alpha` everywhere) or "fade" (each pixel's
+            weight is `alpha` times the map's value there: where the map is low the image shows through unchanged).
     """
     if colormap not in OVERLAY_COLORMAPS:
         raise ValueError(f"Unknown colormap {colormap!r}; valid colormaps: {', '.join(OVERLAY_COLORMAPS)}.")
+    if style not in OVERLAY_STYLES:
+        raise ValueError(f"Unknown overlay style {style!r}; valid styles: {', '.join(OVERLAY_STYLES)}.")
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"`alpha` must lie in [0, 1], got {alpha!r}.")
     picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
@@ -71,8 +78,10 @@ def overlay(image, map, alpha: float = 0.5, colormap: str = "jet"):
     values = values.clamp(min=0)
     values = values / values.max() if values.max() > 0 else values
     upsampled = F.interpolate(values[None, None], size=(region_h, region_w), mode="bilinear", align_corners=False)
-    colors = _apply_colormap(upsampled[0, 0].clamp(0, 1), colormap)  # [region_h, region_w, 3]
+    values = upsampled[0, 0].clamp(0, 1)  # [region_h, region_w]
+    colors = _apply_colormap(values, colormap)  # [region_h, region_w, 3]
+    weight = alpha * values[..., None] if style == "fade" else alpha  # [region_h, region_w, 1] or a number
     pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 255.0)  # [H, W, 3]
     region = pixels[top : top + region_h, left : left + region_w]
-    pixels[top : top + region_h, left : left + region_w] = (1 - alpha) * region + alpha * colors
+    pixels[top : top + region_h, left : left + region_w] = (1 - weight) * region + weight * colors
     return Image.fromarray((pixels * 255).round().clamp(0, 255).to(torch.uint8).numpy())

@@ -8,7 +8,6 @@ stored in a checkpoint ever runs. Key names are left as the files have them; ``c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,6 +19,7 @@ import torch
 from clipviz import checkpoint_io
 from clipviz.checkpoint_io import CheckpointError
 from clipviz.convert_options import SOURCE_FORMATS
+from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
 
 # Hub repos holding OpenAI's own weights in transformers' layout: the `base_model` of a conversion of that file.
 OPENAI_BASE_MODELS = {
@@ -28,8 +28,6 @@ OPENAI_BASE_MODELS = {
     "ViT-L/14": "openai/clip-vit-large-patch14",
     "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
 }
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1}  # PIL.Image.Resampling values
 
 # transformers folders: weight files in the order transformers itself prefers them.
@@ -176,7 +174,7 @@ def _openai_name_of_sha256(sha256: str) -> str | None:
 
 def _from_file(path: Path, source_format: str) -> Source:
     kind = checkpoint_io.detect_checkpoint_format(path)
-    sha256 = sha256_file(path)
+    sha256 = checkpoint_io.sha256_file(path)
     recorded: dict = {}
     if kind == checkpoint_io.TORCHSCRIPT:
         archive = read_with_progress(path, checkpoint_io.read_torchscript)
@@ -256,15 +254,6 @@ def read_with_progress(path: Path, reader=checkpoint_io.read_state_dict):
         return result
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (recorded in the model card as the conversion's provenance)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # ---- folders ----
 
 
@@ -330,7 +319,7 @@ def _from_transformers_folder(path: Path) -> Source:
         description=f"transformers CLIPModel checkpoint {path.name}",
         name=path.name,
         files=files,
-        sha256=sha256_file(files[0]) if len(files) == 1 else None,
+        sha256=checkpoint_io.sha256_file(files[0]) if len(files) == 1 else None,
         hidden_act={"text": text.hidden_act, "vision": vision.hidden_act},
         text_heads=text.num_attention_heads,
         vision_heads=vision.num_attention_heads,
@@ -393,7 +382,7 @@ def _from_open_clip_folder(path: Path) -> Source:
         description=f"open_clip checkpoint {path.name} ({weights[0].name})",
         name=path.name,
         files=weights[:1],
-        sha256=sha256_file(weights[0]),
+        sha256=checkpoint_io.sha256_file(weights[0]),
         hidden_act={"text": activation, "vision": activation},
         text_heads=text_heads,
         vision_heads=vision_heads,
@@ -516,5 +505,4 @@ __all__ = [
     "SourceError",
     "check_open_clip_settings",
     "load_source",
-    "sha256_file",
 ]

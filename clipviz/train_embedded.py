@@ -38,9 +38,8 @@ import numpy as np
 import torch
 
 from clipviz import scenes
+from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 CONTEXT_LENGTH = 77
 TEXT_CONFIG = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "max_position_embeddings": 77}
 VISION_CONFIGS = {

@@ -5,11 +5,13 @@ UI wiring only: every decision (decoding, limits, prompts, models, maps, scores,
 
 Run: ``python space/app.py`` (honours ``GRADIO_SERVER_NAME``/``GRADIO_SERVER_PORT``). Settings by environment:
 ``CLIPVIZ_MODEL``/``CLIPVIZ_REVISION`` (see explainer.py), ``CLIPVIZ_QUEUE_SIZE`` (default 16),
-``CLIPVIZ_CONCURRENCY`` (default 1: on a 2-core CPU, requests in parallel only slow each other down).
+``CLIPVIZ_CONCURRENCY`` (default 1: on a 2-core CPU, requests in parallel only slow each other down),
+``CLIPVIZ_CACHE_SECONDS`` (default 900: how long uploads and results stay in Gradio's cache).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -17,23 +19,43 @@ import explainer
 import gradio as gr
 import imaging
 from errors import UserError
+from inputs import CheckedSlider
 from upload import UploadImage
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 QUEUE_SIZE = int(os.environ.get("CLIPVIZ_QUEUE_SIZE", "16"))
 CONCURRENCY = int(os.environ.get("CLIPVIZ_CONCURRENCY", "1"))
+# uploads and results in Gradio's cache live this long, then go (checked every CACHE_SECONDS / 4, at most a minute)
+CACHE_SECONDS = max(1, int(os.environ.get("CLIPVIZ_CACHE_SECONDS", "900")))
+DELETE_CACHE = (max(1, min(60, CACHE_SECONDS // 4)), CACHE_SECONDS)
 INTRO = """# Where does CLIP look?
 Upload, paste or capture a photo, type up to 8 prompts (one per line) and press **Explain**. Each prompt gets its own
 heat map over the photo; the bars show how CLIP splits its belief between *your* prompts.
-The default model is tiny and trained only on synthetic shapes (try the scene examples); pick a converted OpenAI
-model for real photos."""
+The default model is tiny and trained only on synthetic shapes (try the scene examples); for real photos pick a
+converted OpenAI model when the list offers one (photo examples appear with it)."""
+
+
+def option_control(field: explainer.Field):
+    """The component for one registry option, hidden until a method that has it is chosen. Its starting value is
+    what an API call that omits it sends: "" (the method's default) for dropdowns, the default for sliders."""
+    common = {"label": field.label, "info": field.help, "visible": False, "elem_id": f"option-{field.key}"}
+    if field.kind in ("int", "float"):
+        step = 1 if field.kind == "int" else 0.01
+        low = field.minimum if field.minimum is not None else 0
+        high = field.maximum if field.maximum is not None else low + 100 * step
+        return CheckedSlider(low, high, value=field.default, step=step, **common)
+    # layers and heads: choices follow the model; the registry checks choice values (its message lists them)
+    return gr.Dropdown(list(field.choices), value="", allow_custom_value=True, **common)
 
 
 def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
-    """The Blocks app; ``cache`` defaults to the models listed by ``explainer.model_choices()``."""
+    """The Blocks app; ``cache`` defaults to the models listed by ``explainer.model_choices()``. Methods and their
+    option controls come from the explanation registry (see ``explainer.option_fields``)."""
     cache = cache or explainer.ModelCache.from_env()
     files = explainer.OutputFiles()
-    with gr.Blocks(title="clipviz: where does CLIP look?") as demo:
+    registry = explainer.page_registry(cache)
+    fields = explainer.option_fields(registry)
+    with gr.Blocks(title="clipviz: where does CLIP look?", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(INTRO)
         with gr.Row():
             with gr.Column(scale=1):
@@ -53,30 +75,18 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                 )
                 model = gr.Dropdown(list(cache.choices), value=cache.default_label, label="Model", elem_id="model")
                 method = gr.Radio(
-                    [(explainer.METHOD_LABELS[m], m) for m in explainer.METHODS], value="relevance", label="Method"
+                    explainer.page_methods(registry), value=explainer.DEFAULT_METHOD, label="Method", elem_id="method"
                 )
-                with gr.Group(visible=False) as attention_controls:
-                    layer = gr.Dropdown(["last"], value="last", label="Layer", allow_custom_value=True)
-                    head = gr.Dropdown(
-                        list(explainer.HEAD_FUSIONS), value="mean", label="Head (or mean/max over heads)",
-                        allow_custom_value=True,
-                    )  # fmt: skip
-                    head_grid = gr.Checkbox(False, label="Also show every head of this layer")
-                with gr.Accordion("Rollout options", open=False, visible=False) as rollout_controls:
-                    head_fusion = gr.Radio(list(explainer.ROLLOUT_FUSIONS), value="mean", label="Head fusion")
-                    ratio = explainer.DISCARD_RATIO
-                    discard_ratio = gr.Slider(
-                        ratio.minimum, ratio.maximum - 0.01 * ratio.maximum_exclusive, value=ratio.default, step=0.01,
-                        label="Discard ratio",
-                    )  # fmt: skip
-                with gr.Accordion("Relevance options", open=False) as relevance_controls:
-                    start_layer = gr.Dropdown(
-                        ["last"], value="last", label="First layer used (earlier: sharper, slower)",
-                        allow_custom_value=True,
-                    )  # fmt: skip
+                with gr.Column(elem_id="method-options"):
+                    controls = [option_control(field) for field in fields]
+                head_grid = gr.Checkbox(False, label="Also show every head of the method's image layer")
                 with gr.Row():
-                    alpha = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+                    alpha = CheckedSlider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
                     colormap = gr.Dropdown(list(explainer.COLORMAPS), value="jet", label="Colour map")
+                style = gr.Radio(
+                    [("Full colour map", "full"), ("Strong regions only (low values transparent)", "fade")],
+                    value="full", label="Overlay style", elem_id="style",
+                )  # fmt: skip
                 run = gr.Button("Explain", variant="primary", elem_id="explain-button")
                 status = gr.Markdown(elem_id="model-status")
             with gr.Column(scale=2):
@@ -93,68 +103,78 @@ def build_demo(cache: explainer.ModelCache | None = None) -> gr.Blocks:
                     label="Which words carried the match (relevance per token)", show_legend=False, elem_id="tokens"
                 )
                 heads = gr.Gallery(label="Every head", columns=4, height="auto", object_fit="contain", visible=False)
-                note = gr.Markdown(explainer.method_note("relevance", "vit"), elem_id="how-to-read")
-        rows = explainer.load_examples(EXAMPLES_DIR)
-        if rows:
-            gr.Examples(rows, [image, prompts, method], label="Examples", cache_examples=False)
+                note = gr.Markdown(elem_id="how-to-read")
+        scene_rows = explainer.load_examples(EXAMPLES_DIR, "scene")
+        if scene_rows:
+            gr.Examples(scene_rows, [image, prompts, method], label="Examples: shape scenes", cache_examples=False)
+        # photographs only with a model trained on photos: the embedded models would give every prompt the same score
+        with gr.Column(visible=cache.knows_photos(cache.default_label), elem_id="photo-examples") as photo_examples:
+            photo_rows = explainer.load_examples(EXAMPLES_DIR, "photo")
+            if photo_rows:
+                gr.Examples(photo_rows, [image, prompts, method], label="Examples: photographs", cache_examples=False)
 
-        def explain(
-            image, prompts, model, method, layer, head, head_grid, opacity, colormap, head_fusion, discard_ratio,
-            start_layer,
-        ):  # fmt: skip
+        names = ["image", "prompts", "model", "method", "head_grid", "opacity", "colormap", "style"]
+        names += [field.key for field in fields]
+
+        def explain(*values):
+            named = dict(zip(names, values, strict=True))
             try:
                 settings = explainer.settings_from_ui(
-                    method, layer, head, head_grid, opacity, colormap, head_fusion, discard_ratio, start_layer
-                )
-                result = explainer.run_request(cache, image, prompts, model, settings)
+                    named["method"], named["head_grid"], named["opacity"], named["colormap"], named["style"],
+                    {field.key: named[field.key] for field in fields},
+                )  # fmt: skip
+                result = explainer.run_request(cache, named["image"], named["prompts"], named["model"], settings)
             except UserError as error:
                 raise gr.Error(str(error), print_exception=False) from error
             overlays, heads = files.save(result.overlays), files.save(result.head_grid)
             return overlays, result.probabilities, result.token_relevance, heads, result.note
 
+        # the API's parameter names are the controls' names (Gradio reads them from the signature)
+        explain.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+        )
+
+        def option_updates(loaded, method_name):
+            views = explainer.field_views(loaded, fields, method_name)
+            updates = [
+                gr.update(visible=view.visible, value=view.value, **({"choices": list(view.choices)} if view.choices else {}))
+                if view.visible else gr.update(visible=False)
+                for view in views
+            ]  # fmt: skip
+            return [explainer.method_note(loaded, method_name), *updates]
+
         def show_model(label, method_name):
+            photos = gr.update(visible=cache.knows_photos(label))
             try:
-                offered = explainer.controls(cache.get(label))
+                loaded = cache.get(label)
             except UserError as error:  # e.g. a Hub model while offline: say so, keep the controls as they are
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"⚠️ {error}"
-            valid = [m for _, m in offered.methods]
-            return (
-                gr.update(choices=offered.methods, value=method_name if method_name in valid else "relevance"),
-                gr.update(choices=offered.layers, value="last", visible=offered.has_layers),
-                gr.update(choices=offered.heads, value="mean"),
-                gr.update(choices=offered.layers, value="last"),
-                gr.update(visible=offered.has_layers and method_name == "relevance"),
-                offered.status,
-            )
+                return [gr.skip(), f"⚠️ {error}", photos, gr.skip()] + [gr.skip()] * len(fields)
+            offered = explainer.controls(loaded)
+            valid = [value for _, value in offered.methods]
+            method_name = method_name if method_name in valid else explainer.DEFAULT_METHOD
+            note, *updates = option_updates(loaded, method_name)
+            return [gr.update(choices=offered.methods, value=method_name), offered.status, photos, note, *updates]
 
         def show_method(method_name, label):
             try:
-                backbone = cache.get(label).backbone
+                loaded = cache.get(label)
             except UserError:  # already reported in the status line by show_model
-                backbone = "vit"
-            return (
-                gr.update(visible=method_name == "attention"),
-                gr.update(visible=method_name == "rollout"),
-                gr.update(visible=method_name == "relevance" and backbone == "vit"),
-                explainer.method_note(method_name, backbone),
-            )
+                return [gr.skip()] * (len(fields) + 1)
+            return option_updates(loaded, method_name)
 
         private = {"api_visibility": "private"}
-        model_outputs = [method, layer, head, start_layer, relevance_controls, status]
+        model_outputs = [method, status, photo_examples, note, *controls]
         model.change(show_model, [model, method], model_outputs, **private)
         demo.load(show_model, [model, method], model_outputs, **private)
-        method.change(
-            show_method, [method, model], [attention_controls, rollout_controls, relevance_controls, note], **private
-        )
+        method.change(show_method, [method, model], [note, *controls], **private)
         head_grid.change(lambda show: gr.update(visible=show), head_grid, heads, **private)
         run.click(
             explain,
-            [image, prompts, model, method, layer, head, head_grid, alpha, colormap, head_fusion, discard_ratio,
-             start_layer],
+            [image, prompts, model, method, head_grid, alpha, colormap, style, *controls],
             [overlays, probabilities, tokens, heads, note],
             api_name="explain",
             concurrency_limit=CONCURRENCY,
-        )  # fmt: skip
+        )
     return demo
 
 

@@ -8,9 +8,19 @@ Models
     The default is the *embedded* model, found without any configuration or network: ``$CLIPVIZ_EMBEDDED_DIR/<name>``,
     else ``space/models/<name>`` (the copy a deployed Space carries), else ``<repo>/embedded/<name>`` (running from the
     repository). ``CLIPVIZ_MODEL`` (a Hub repo id or a local folder; ``CLIPVIZ_REVISION`` pins a commit) puts another
-    model first. The dropdown also lists the converted OpenAI repos (``CLIPVIZ_HUB_REPOS``, comma-separated, overrides
-    the list). Only listed models load: they run remote code (``trust_remote_code=True``), so the choice is never a
-    free-text repo id. Loaded models stay in a small cache (``CLIPVIZ_MODEL_CACHE``, default 2).
+    model first; model folders shipped in ``space/models/`` besides the embedded ones (``clipviz.publish_space
+    --model``) come next. The dropdown lists only what can load: Hub repos (the converted OpenAI ones, or
+    ``CLIPVIZ_HUB_REPOS``, comma-separated) appear when they are configured (``CLIPVIZ_HUB_REPOS``/``CLIPVIZ_HUB_ORG``)
+    or when the Hub answered at start-up (checked once, in 2 s at most; never with ``HF_HUB_OFFLINE=1``). Loading a
+    Hub repo while the Hub does not answer uses the local cache only, so it fails at once instead of after the
+    download retries. Only listed models load: they run remote code (``trust_remote_code=True``), so the choice is
+    never a free-text repo id. Loaded models stay in a small cache (``CLIPVIZ_MODEL_CACHE``, default 2).
+
+Methods
+    Nothing here names a method: the page offers the loaded model's explanation registry (``EXPLAIN_METHODS`` of its
+    own ``explaining_clipviz`` code, ``methods_for`` its backbone), one control per registry option (layers and heads
+    counted from 1, ranges from ``option_bounds``), the method's ``how_to_read`` and ``reference`` as the note, and,
+    when the user chose none, the model's default (``config.explain_method``/``explain_options``).
 
 Prompts
     One per line, blank lines ignored, at most 8, no duplicates. A prompt longer than CLIP's context (77 tokens with
@@ -24,9 +34,10 @@ import json
 import os
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import imaging
@@ -35,12 +46,10 @@ from errors import UserError
 from PIL import Image
 
 SPACE_DIR = Path(__file__).resolve().parent
-try:  # drawing (`clipviz.rendering`) and the method registry (`explaining_clipviz`): installed, or copied in on deploy
-    import explaining_clipviz as registry
+try:  # drawing is library code (`clipviz.rendering`), not the models' remote code: installed, or copied in on deploy
     from clipviz import rendering
-except ImportError:  # running from the repository: both sit next to this folder
+except ImportError:  # running from the repository: the package sits next to this folder
     sys.path.append(str(SPACE_DIR.parent))
-    import explaining_clipviz as registry
     from clipviz import rendering
 EMBEDDED_NAMES = ("clipviz-tiny-vit", "clipviz-tiny-resnet")
 EMBEDDED_PREFIX = "embedded: "
@@ -64,26 +73,8 @@ MAX_PROMPT_CHARS = 500  # checked before tokenizing, so a pasted novel costs not
 DISPLAY_LONGEST = 512  # overlays: long side in pixels (aspect ratio kept), small images are scaled up
 GRID_LONGEST = 192  # per-head thumbnails
 
-METHODS = tuple(registry.EXPLAIN_METHODS)  # every method, in the registry's order
-METHOD_LABELS = {name: method.title for name, method in registry.EXPLAIN_METHODS.items()}
-VALID_METHODS = {backbone: tuple(m.name for m in registry.methods_for(backbone)) for backbone in ("vit", "resnet")}
-
-
-def _registry_option(method: str, name: str) -> registry.ExplainOption:
-    return next(option for option in registry.EXPLAIN_METHODS[method].options if option.name == name)
-
-
-HEAD_FUSIONS = _registry_option("attention", "head").choices  # raw attention: instead of one head
-ROLLOUT_FUSIONS = _registry_option("rollout", "head_fusion").choices
-DISCARD_RATIO = _registry_option("rollout", "discard_ratio")  # the UI's slider stops short of an exclusive maximum
 COLORMAPS = rendering.OVERLAY_COLORMAPS
-
-UNAVAILABLE_NOTES = {
-    ("resnet", "rollout"): (
-        "Rollout needs a stack of attention layers; the ResNet image tower has a single attention pool, so rollout "
-        "would equal raw attention. Use raw attention, relevance or Grad-CAM."
-    ),
-}
+OVERLAY_STYLES = rendering.OVERLAY_STYLES  # "full" colour map, or "fade": low values leave the image as it is
 
 
 class ModelLoadError(UserError):
@@ -104,6 +95,7 @@ class ModelChoice:
     label: str
     source: str | None  # a folder or Hub repo id; None: an embedded model that is not present
     revision: str | None = None
+    knows_photos: bool = True  # False for the embedded models: trained on synthetic shape scenes only
 
 
 def hub_repos(env: Mapping[str, str] = os.environ) -> list[str]:
@@ -124,17 +116,76 @@ def embedded_dir(name: str, env: Mapping[str, str] = os.environ) -> Path | None:
     return None
 
 
-def model_choices(env: Mapping[str, str] = os.environ) -> list[ModelChoice]:
-    """Dropdown entries, default first: ``CLIPVIZ_MODEL`` when set, then the embedded models, then the Hub repos."""
+def deployed_models(space_dir: Path | None = None) -> list[Path]:
+    """Model folders shipped in ``space/models/`` other than the embedded ones (a published Space's own models)."""
+    root = (space_dir or SPACE_DIR) / "models"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name not in EMBEDDED_NAMES and (p / "config.json").is_file())
+
+
+_TRUTHY = ("1", "true", "yes", "on")
+_reachability: dict[str, tuple[float, bool]] = {}
+
+
+def hub_reachable(endpoint: str | None = None, timeout: float = 2.0, ttl: float = 60.0) -> bool:
+    """Whether the Hub answers HTTP at all (any status), asked at most once per ``ttl`` seconds; never asked (False)
+    under ``HF_HUB_OFFLINE=1``."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = endpoint or constants.ENDPOINT
+    checked = _reachability.get(url)
+    if checked is not None and time.monotonic() - checked[0] < ttl:
+        return checked[1]
+    try:
+        httpx.head(url, timeout=timeout)
+        answer = True
+    except httpx.HTTPError:
+        answer = False
+    _reachability[url] = (time.monotonic(), answer)
+    return answer
+
+
+def hub_listed(env: Mapping[str, str] = os.environ, reachable: Callable[[], bool] = hub_reachable) -> bool:
+    """Whether the dropdown lists Hub repos: configured ones always, the default list only when the Hub answers."""
+    if env.get("CLIPVIZ_HUB_REPOS", "").strip() or env.get("CLIPVIZ_HUB_ORG", "").strip():
+        return True
+    if env.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
+        return False
+    return reachable()
+
+
+def model_choices(
+    env: Mapping[str, str] = os.environ, reachable: Callable[[], bool] = hub_reachable
+) -> list[ModelChoice]:
+    """Dropdown entries, default first: ``CLIPVIZ_MODEL`` when set, then the models shipped in ``space/models``,
+    then the embedded models that are present, then the Hub repos when listed (see :func:`hub_listed`).
+
+    Only models that can load are offered; when no local model is present at all, the embedded entries stay (their
+    error says how to provide them) so the page never starts with an empty dropdown."""
     choices = []
     custom = env.get("CLIPVIZ_MODEL", "").strip()
     if custom:
         choices.append(ModelChoice(custom, custom, env.get("CLIPVIZ_REVISION", "").strip() or None))
+    choices += [ModelChoice(folder.name, str(folder)) for folder in deployed_models()]
+    embedded = []
     for name in EMBEDDED_NAMES:
         folder = embedded_dir(name, env)
-        choices.append(ModelChoice(EMBEDDED_PREFIX + name, str(folder) if folder else None))
-    choices += [ModelChoice(repo, repo) for repo in hub_repos(env) if repo != custom]
+        embedded.append(ModelChoice(EMBEDDED_PREFIX + name, str(folder) if folder else None, knows_photos=False))
+    present = [choice for choice in embedded if choice.source is not None]
+    choices += present if present or choices else embedded
+    if hub_listed(env, reachable):
+        choices += [ModelChoice(repo, repo) for repo in hub_repos(env) if repo != custom]
     return choices
+
+
+def is_hub_id(source: str) -> bool:
+    """A Hub repo id ("name" or "org/name") rather than a folder on this machine."""
+    relative = not (os.path.isabs(source) or source.startswith((".", "~")))
+    return relative and source.count("/") <= 1 and not Path(source).exists()
 
 
 @dataclass
@@ -177,14 +228,9 @@ class LoadedModel:
         return self.config.text_config.max_position_embeddings
 
     @property
-    def overlay(self) -> Callable:
-        """The ``overlay`` that blends a map over a picture (``clipviz.rendering.overlay``)."""
-        return rendering.overlay
-
-    @property
-    def colormaps(self) -> tuple[str, ...]:
-        """Colour maps ``overlay`` knows."""
-        return COLORMAPS
+    def registry(self):
+        """The explanation registry of the model's own code (see :func:`registry_of`)."""
+        return registry_of(self.model)
 
 
 def load_model(choice: ModelChoice) -> LoadedModel:
@@ -197,19 +243,34 @@ def load_model(choice: ModelChoice) -> LoadedModel:
         )
     from transformers import AutoModel, AutoTokenizer
 
+    kwargs = {"revision": choice.revision} if choice.revision else {}
+    offline = is_hub_id(choice.source) and not hub_reachable()
+    if offline:  # the local cache only: an answer now rather than after the download retries (about 24 s)
+        kwargs["local_files_only"] = True
     try:
-        kwargs = {"revision": choice.revision} if choice.revision else {}
         model = AutoModel.from_pretrained(choice.source, trust_remote_code=True, **kwargs).eval()
         # the repo's own tokenizer (clipviz ships one giving OpenAI's exact ids); trusted like its model code, and
         # said explicitly so transformers never stops to ask on stdin
         tokenizer = AutoTokenizer.from_pretrained(choice.source, trust_remote_code=True, **kwargs)
         preprocessing = _preprocessor_config(choice.source, kwargs)
     except Exception as error:  # network, missing files, bad config: the user needs the reason, not a traceback
+        if offline:
+            from huggingface_hub import constants
+
+            why = (
+                "HF_HUB_OFFLINE is set"
+                if constants.HF_HUB_OFFLINE
+                else f"the Hub ({constants.ENDPOINT}) does not answer"
+            )
+            raise ModelLoadError(
+                f"Could not load the model {choice.label!r}: {why} and the model is not in the local cache. Choose "
+                "a local model, or run with network access."
+            ) from error
         raise ModelLoadError(f"Could not load the model {choice.label!r}: {_first_line(error)}") from error
-    if not hasattr(model, "explain"):
+    if not hasattr(model, "explain") or registry_of(model) is None:
         raise ModelLoadError(
-            f"The model {choice.label!r} was saved with clipviz code that has no explanations (`explain`); "
-            "convert it again with the current clipviz."
+            f"The model {choice.label!r} was saved with clipviz code that has no explanation registry "
+            "(`explain`, `EXPLAIN_METHODS`); convert it again with the current clipviz."
         )
     return LoadedModel(
         choice=choice,
@@ -256,6 +317,11 @@ class ModelCache:
     @property
     def default_label(self) -> str:
         return next(iter(self.choices))
+
+    def knows_photos(self, label: str | None) -> bool:
+        """Whether the model behind ``label`` was trained on photographs (the embedded models were not)."""
+        choice = self.choices.get(label or self.default_label)
+        return choice is not None and choice.knows_photos
 
     def get(self, label: str | None) -> LoadedModel:
         label = label or self.default_label
@@ -343,168 +409,368 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    """What the user chose. ``layer`` counts from 1 (the UI's numbering); ``head`` is "mean", "max" or a head number
-    from 1. ``head_grid`` adds one raw-attention map per head of ``layer``."""
+    """What the user chose. ``method`` is a registry method name or "default" (the model's own default method and
+    options); ``options`` are the option controls' values by field key (UI terms: layers and heads count from 1;
+    missing or None: the method's default). ``head_grid`` adds one raw-attention map per head of the method's image
+    layer (the last one when it has none)."""
 
-    method: str = "relevance"
-    layer: int | None = None  # None: the last layer
-    head: str = "mean"
+    method: str = "default"
+    options: Mapping[str, object] = field(default_factory=dict)
     head_grid: bool = False
     alpha: float = 0.5
     colormap: str = "jet"
-    head_fusion: str = "mean"  # rollout
-    discard_ratio: float = 0.0  # rollout
-    start_layer: int | None = None  # relevance on a ViT: first layer used, from 1; None: the model's default (last)
+    style: str = "full"
 
 
-def settings_from_ui(
-    method, layer, head, head_grid, alpha, colormap, head_fusion, discard_ratio, start_layer
-) -> Settings:
-    """Settings from the UI's (or the API's) values, in the order of the ``explain`` endpoint's parameters."""
-    if not 0.0 <= float(alpha) <= 1.0:
+def settings_from_ui(method, head_grid, alpha, colormap, style, options: Mapping[str, object]) -> Settings:
+    """Settings from the UI's (or the API's) values.
+
+    API clients can send anything (``opacity="abc"``), so numbers and flags are parsed here with a message naming the
+    option, instead of letting ``float()`` fail with an error the UI would only show as a generic one."""
+    alpha = parse_number(alpha, "overlay opacity (opacity)")
+    if not 0.0 <= alpha <= 1.0:
         raise UserError(f"The overlay opacity must be between 0 and 1, not {alpha}.")
     return Settings(
-        method=str(method),
-        layer=parse_layer(layer),
-        head=str(head),
-        head_grid=bool(head_grid),
-        alpha=float(alpha),
+        method=str(method or DEFAULT_METHOD),
+        options=dict(options),
+        head_grid=parse_flag(head_grid, "head_grid"),
+        alpha=alpha,
         colormap=str(colormap),
-        head_fusion=str(head_fusion),
-        discard_ratio=float(discard_ratio),
-        start_layer=parse_layer(start_layer),
+        style=str(style or "full"),
     )
 
 
-def method_options(loaded: LoadedModel, settings: Settings) -> dict:
-    """The keyword options ``model.explain`` takes for this method and backbone (invalid choices: UserError).
+def parse_number(value, what: str) -> float:
+    """A finite number from a slider or an API value (a number or its text); anything else is a UserError."""
+    import math
 
-    The UI's numbering (layers and heads from 1) is translated here; the values are then checked by the registry
-    (``explaining_clipviz.resolve_options``) against the loaded model. Methods without controls of their own run
-    with the registry's defaults."""
-    method, backbone = settings.method, loaded.backbone
-    if settings.colormap not in loaded.colormaps:
-        raise UserError(f"Unknown colour map {settings.colormap!r}; choose one of: {', '.join(loaded.colormaps)}.")
-    if method not in METHODS:
-        raise UserError(f"Unknown method {method!r}; choose one of: {', '.join(METHODS)}.")
-    if method not in VALID_METHODS[backbone]:
-        raise UserError(unavailable_note(method, backbone))
-    options = {}
-    if method == "attention":
-        head = _head_option(settings.head, loaded.num_heads)
-        # the token row uses the same head where the text tower has it, else the mean over its heads
-        text_head = head if isinstance(head, str) or head < loaded.num_text_heads else "mean"
-        options = {"head": head, "text_head": text_head}
-        if backbone == "vit":
-            options["layer"] = _layer_index(settings.layer, loaded.num_layers, "layer")
-    elif method == "rollout":
-        options = {"head_fusion": settings.head_fusion, "discard_ratio": settings.discard_ratio}
-    elif method == "relevance" and backbone == "vit" and settings.start_layer is not None:
-        options = {"start_layer": _layer_index(settings.start_layer, loaded.num_layers, "first relevance layer")}
     try:
-        registry.resolve_options(method, options, loaded.config)
-    except ValueError as error:
-        raise UserError(f"{METHOD_LABELS[method]}: {error}") from None
-    return options
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"The {what} must be a number, not {value!r}.")
+    return number
 
 
-def parse_layer(value: str | int | None) -> int | None:
-    """The UI's layer choice: "last" (or empty) → None, otherwise a whole number counted from 1."""
-    if value is None or str(value).strip().lower() in ("", "last"):
+def parse_flag(value, what: str) -> bool:
+    """A checkbox value: a bool, or its text ("true"/"false") from an API client; anything else is a UserError."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise UserError(f"The {what} option must be true or false, not {value!r}.")
+
+
+# ---- methods and their options: read from the model's explanation registry ----
+
+DEFAULT_METHOD = "default"  # the model's own choice: config.explain_method with config.explain_options
+LAST = "last"  # a layer option's "the last layer"
+SAME_HEAD = "same"  # a text-head option's None: the same head as the image side
+BACKBONE_NAMES = {"vit": "ViT", "resnet": "ResNet"}
+PAGE_KEYS = ("image", "prompts", "model", "method", "head_grid", "opacity", "colormap", "style")  # not option keys
+
+
+def registry_of(model):
+    """The explanation registry the model's own code uses (its ``explaining_clipviz`` module: Hub remote code or the
+    repository's), or None for a model saved before explanations had a registry."""
+    for cls in type(model).__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and hasattr(module, "EXPLAIN_METHODS") and hasattr(module, "resolve_options"):
+            return module
+    return None
+
+
+def page_registry(cache: ModelCache):
+    """The registry the page's option controls are laid out from: the default model's, else the repository's
+    module when it can be imported, else None (then the page offers no method options, only the model's default)."""
+    try:
+        return cache.get(cache.default_label).registry
+    except UserError:
+        pass
+    try:
+        import explaining_clipviz
+    except ImportError:
         return None
-    text = str(value).strip()
-    if not text.lstrip("-").isdigit():
-        raise UserError(f"The layer must be 'last' or a whole number counted from 1, not {value!r}.")
-    return int(text)
+    return explaining_clipviz
 
 
-def _layer_index(layer: int | None, num_layers: int, what: str) -> int:
-    """UI layer number (1..L, None = last) → the 0-based index ``explain`` takes."""
-    if layer is None:
-        return num_layers - 1
-    if not 1 <= layer <= num_layers:
-        raise UserError(f"The {what} must be from 1 to {num_layers} for this model, not {layer}.")
-    return layer - 1
+@dataclass(frozen=True)
+class Field:
+    """One option control on the page: an option name shared by the methods that declare it (with one kind)."""
+
+    key: str  # the control's API parameter; the option's name unless that clashes
+    name: str  # the keyword of ``model.explain``
+    kind: str  # the registry's option kind
+    label: str
+    help: str
+    choices: tuple = ()  # "choice" options: the values
+    minimum: float | None = None
+    maximum: float | None = None  # numbers: the largest value the control offers (below an exclusive maximum)
+    default: object = None  # numbers: the first declaring method's default (the slider's starting value)
+    methods: tuple[str, ...] = ()
 
 
-def _head_option(head: str | int, num_heads: int) -> str | int:
-    """ "mean"/"max" pass through; a head number 1..H (UI numbering) becomes the 0-based index."""
-    if str(head) in HEAD_FUSIONS:
-        return str(head)
-    try:
-        number = int(str(head))
-    except ValueError:
-        number = 0
-    if not 1 <= number <= num_heads:
-        raise UserError(
-            f"The head must be 'mean', 'max' or a number from 1 to {num_heads} for this model, not {head!r}."
+def option_fields(registry) -> list[Field]:
+    """The page's option controls, in registry order: one per option name; a name declared again with another kind
+    gets its own control, keyed ``<method>_<name>``."""
+    fields: dict[str, Field] = {}
+    for method in registry.EXPLAIN_METHODS.values() if registry else ():
+        for option in method.options:
+            key = option.name if option.name not in PAGE_KEYS else f"{method.name}_{option.name}"
+            if key in fields and fields[key].kind != option.kind:
+                key = f"{method.name}_{option.name}"
+            if key in fields:
+                fields[key] = replace(fields[key], methods=fields[key].methods + (method.name,))
+                continue
+            maximum = option.maximum
+            if maximum is not None and option.maximum_exclusive:
+                maximum = maximum - (0.01 if option.kind == "float" else 1)
+            label = option.name.replace("_", " ").capitalize()
+            default = option.default if option.kind in ("int", "float") else None
+            fields[key] = Field(
+                key, option.name, option.kind, label, option.help, tuple(option.choices), option.minimum, maximum,
+                default, (method.name,),
+            )  # fmt: skip
+    return list(fields.values())
+
+
+def _field_key(fields: list[Field], method: str, name: str) -> str | None:
+    return next((f.key for f in fields if f.name == name and method in f.methods), None)
+
+
+@dataclass(frozen=True)
+class FieldView:
+    """How one option control looks for a model and a method: shown or not, its choices and its starting value."""
+
+    visible: bool
+    choices: tuple = ()  # dropdowns: the values in UI terms ("last", "1".., "mean", ...)
+    value: object = None
+
+
+def _layer_count(registry, option, config) -> int:
+    return registry.option_bounds(option, config)[1] + 1
+
+
+def _head_count(registry, option, config) -> int:
+    return sum(isinstance(v, int) for v in registry.option_bounds(option, config))
+
+
+def ui_choices(registry, option, config) -> tuple:
+    """A layer or head option's dropdown values in the page's 1-based terms; other kinds: the option's choices."""
+    if option.kind in ("image_layer", "text_layer"):
+        return (LAST,) + tuple(str(n) for n in range(1, _layer_count(registry, option, config) + 1))
+    if option.kind in ("image_head", "text_head"):
+        same = (SAME_HEAD,) if option.kind == "text_head" and option.default is None else ()
+        heads = tuple(str(h) for h in range(1, _head_count(registry, option, config) + 1))
+        return same + tuple(option.choices) + heads
+    return tuple(option.choices)
+
+
+def ui_value(registry, option, value, config):
+    """An option value of ``model.explain`` (0-based, negative from the end, None) in the page's terms."""
+    if option.kind in ("image_layer", "text_layer"):
+        count = _layer_count(registry, option, config)
+        return LAST if value in (-1, count - 1) else str(value % count + 1)
+    if option.kind in ("image_head", "text_head"):
+        return SAME_HEAD if value is None else value if isinstance(value, str) else str(value + 1)
+    return value
+
+
+def field_views(loaded: LoadedModel, fields: list[Field], method: str) -> list[FieldView]:
+    """Each option control for ``method`` on this model (hidden for the model's default and for other methods)."""
+    registry, config = loaded.registry, loaded.config
+    entry = registry.EXPLAIN_METHODS.get(method)
+    declared = {o.name: o for o in entry.options if loaded.backbone in o.backbones} if entry else {}
+    views = []
+    for f in fields:
+        option = declared.get(f.name) if method in f.methods else None
+        if option is None:
+            views.append(FieldView(False))
+            continue
+        views.append(
+            FieldView(True, ui_choices(registry, option, config), ui_value(registry, option, option.default, config))
         )
-    return number - 1
+    return views
+
+
+def to_option_value(registry, option, value, config, label: str):
+    """A control's value (what the page or an API client sent) as ``model.explain`` takes it; the page counts layers
+    and heads from 1, so its range errors are said here rather than in the registry's 0-based terms."""
+    text = "" if value is None else str(value).strip()
+    if option.kind in ("image_layer", "text_layer"):
+        count = _layer_count(registry, option, config)
+        if text.lower() in ("", LAST):
+            return -1
+        if not text.isdigit() or not 1 <= int(text) <= count:
+            raise UserError(
+                f"The {label.lower()} must be '{LAST}' or a number from 1 to {count} for this model, not {value!r}."
+            )
+        return int(text) - 1
+    if option.kind in ("image_head", "text_head"):
+        if text in option.choices:
+            return text
+        if option.kind == "text_head" and option.default is None and text.lower() in ("", SAME_HEAD):
+            return None
+        count = _head_count(registry, option, config)
+        if not text.isdigit() or not 1 <= int(text) <= count:
+            named = ", ".join(f"'{c}'" for c in ui_choices(registry, option, config) if not c.isdigit())
+            raise UserError(
+                f"The {label.lower()} must be {named} or a number from 1 to {count} for this model, not {value!r}."
+            )
+        return int(text) - 1
+    if option.kind in ("int", "float"):
+        number = parse_number(value, label.lower())
+        if option.kind == "int":
+            if number != int(number):
+                raise UserError(f"The {label.lower()} must be a whole number, not {value!r}.")
+            return int(number)
+        return number
+    return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one request runs: the method (the model's default resolved) and its options."""
+
+    method: str  # the method that runs
+    call_method: str | None  # what ``model.explain`` gets: None lets the model use its own default
+    options: dict  # keyword options for ``model.explain``
+    resolved: dict  # every option of the method with its value (defaults filled in)
+    is_default: bool
+
+
+def plan(loaded: LoadedModel, settings: Settings) -> Plan:
+    """Check the settings against the model's registry and decide the ``model.explain`` call (UserError if not)."""
+    registry, config, backbone = loaded.registry, loaded.config, loaded.backbone
+    if settings.colormap not in COLORMAPS:
+        raise UserError(f"Unknown colour map {settings.colormap!r}; choose one of: {', '.join(COLORMAPS)}.")
+    if settings.style not in OVERLAY_STYLES:
+        raise UserError(f"Unknown overlay style {settings.style!r}; choose one of: {', '.join(OVERLAY_STYLES)}.")
+    available = registry.methods_for(backbone)
+    if settings.method == DEFAULT_METHOD:
+        name, options = config.explain_method, dict(config.explain_options)
+        try:
+            resolved = registry.resolve_options(name, options, config)
+        except ValueError as error:
+            raise UserError(f"This model's default explanation is invalid ({error}); choose a method.") from error
+        return Plan(name, None, {}, resolved, True)
+    if settings.method not in registry.EXPLAIN_METHODS:
+        names = ", ".join([DEFAULT_METHOD] + [m.name for m in available])
+        raise UserError(f"Unknown method {settings.method!r}; choose one of: {names}.")
+    entry = registry.EXPLAIN_METHODS[settings.method]
+    if entry not in available:
+        titles = ", ".join(m.title for m in available)
+        raise UserError(
+            f"{entry.title} is not available for this model's {BACKBONE_NAMES.get(backbone, backbone)} image tower "
+            f"(available: {titles}). {entry.how_to_read}"
+        )
+    fields = option_fields(registry)
+    options = {}
+    for option in entry.options:
+        key = _field_key(fields, entry.name, option.name)
+        if backbone not in option.backbones or key is None or settings.options.get(key) in (None, ""):
+            continue  # not given: the method's default
+        label = next(f.label for f in fields if f.key == key)
+        options[option.name] = to_option_value(registry, option, settings.options[key], config, label)
+    try:
+        resolved = registry.resolve_options(entry.name, options, config)
+    except ValueError as error:  # the registry's message lists the valid values
+        raise UserError(f"{entry.title}: {error}") from error
+    return Plan(entry.name, entry.name, options, resolved, False)
+
+
+def page_methods(registry) -> list[tuple[str, str]]:
+    """The method radio before a model is known: the model's default, then every registered method (the server
+    accepts only these; :func:`method_choices` narrows the page to the loaded model's backbone)."""
+    methods = registry.EXPLAIN_METHODS.values() if registry else ()
+    return [("Model's default", DEFAULT_METHOD)] + [(m.title, m.name) for m in methods]
+
+
+def method_choices(loaded: LoadedModel) -> list[tuple[str, str]]:
+    """The method radio for a model: its default first (named), then every method its backbone offers."""
+    registry = loaded.registry
+    default = registry.EXPLAIN_METHODS.get(loaded.config.explain_method)
+    title = default.title if default else loaded.config.explain_method
+    return [(f"Model's default: {title}", DEFAULT_METHOD)] + [
+        (m.title, m.name) for m in registry.methods_for(loaded.backbone)
+    ]
+
+
+def method_note(loaded: LoadedModel, method: str, resolved: dict | None = None, is_default: bool = False) -> str:
+    """The "how to read this" text for a method on this model, from the registry (with its reference)."""
+    registry = loaded.registry
+    if method == DEFAULT_METHOD:
+        method, is_default = loaded.config.explain_method, True
+    entry = registry.EXPLAIN_METHODS.get(method)
+    if entry is None:
+        return ""
+    note = f"**{entry.title}**: {entry.how_to_read}\n\n*{entry.reference}*"
+    if is_default:
+        declared = {o.name: o for o in entry.options}
+        settings = ", ".join(
+            f"{name.replace('_', ' ')}: {ui_value(registry, declared[name], value, loaded.config)}"
+            for name, value in (resolved or {}).items()
+            if name in declared
+        )
+        note = f"This model's default method{f' ({settings})' if settings else ''}. " + note
+    return note
 
 
 @dataclass(frozen=True)
 class Controls:
-    """What the option controls offer for a loaded model (the UI updates its widgets from this)."""
+    """What the page offers for a loaded model (the UI updates its widgets from this)."""
 
-    methods: list[tuple[str, str]]  # (label, method) valid on this backbone
-    layers: list[str]  # "last", "1".."L"
-    heads: list[str]  # "mean", "max", "1".."H"
-    has_layers: bool  # a ViT: layer and first-relevance-layer choices apply
-    status: str  # one paragraph about the model, plus why some methods are missing
+    methods: list[tuple[str, str]]  # (label, method): the model's default, then the backbone's methods
+    heads: list[str]  # image heads, 1-based, for the status text
+    status: str  # one paragraph about the model
 
 
 def controls(loaded: LoadedModel) -> Controls:
-    """Choices for the model's backbone, depth and heads, and the status text that explains them."""
-    valid = VALID_METHODS[loaded.backbone]
-    missing = [unavailable_note(m, loaded.backbone) for m in METHODS if m not in valid]
+    """The method choices for the model's backbone and the status text about the model."""
     vision = loaded.config.vision_config
     tower = f"ViT, {loaded.num_layers} layers" if loaded.backbone == "vit" else "ResNet with an attention pool"
     status = (
         f"**{loaded.choice.label}**: {tower}, {loaded.num_heads} heads, {vision.image_size}×{vision.image_size} input."
     )
-    if loaded.num_text_heads < loaded.num_heads:
+    if not loaded.choice.knows_photos:
         status += (
-            f" The text tower has {loaded.num_text_heads} heads: for image heads above that, the token row shows "
-            "the mean over its heads."
+            " It was trained on synthetic shape scenes only: on a photograph its scores and maps mean little (try the "
+            "scene examples)."
         )
-    # the registry's bounds of raw attention's layer and head options on this model, in the UI's numbering (from 1)
-    first, last = registry.option_bounds(_registry_option("attention", "layer"), loaded.config)
-    heads = registry.option_bounds(_registry_option("attention", "head"), loaded.config)
+    registry = loaded.registry
+    missing = [m for m in registry.EXPLAIN_METHODS.values() if m not in registry.methods_for(loaded.backbone)]
+    if missing:
+        names = ", ".join(m.title for m in missing)
+        status += f" Not offered for this image tower: {names} (see the method's note for why)."
     return Controls(
-        methods=[(METHOD_LABELS[m], m) for m in valid],
-        layers=["last"] + [str(n + 1) for n in range(first, last + 1)],
-        heads=[h for h in heads if isinstance(h, str)] + [str(h + 1) for h in heads if isinstance(h, int)],
-        has_layers=loaded.backbone == "vit",
-        status=status + "".join(f"\n\n{text}" for text in missing),
+        methods=method_choices(loaded),
+        heads=[str(h) for h in range(1, loaded.num_heads + 1)],
+        status=status,
     )
-
-
-def method_note(method: str, backbone: str) -> str:
-    """The "how to read this" text for a method on a backbone (the registry's, or why the backbone lacks it)."""
-    if method not in VALID_METHODS[backbone]:
-        return unavailable_note(method, backbone)
-    entry = registry.EXPLAIN_METHODS[method]
-    return f"**{entry.title}**: {entry.how_to_read}"
-
-
-def unavailable_note(method: str, backbone: str) -> str:
-    """Why a method is not offered for a backbone."""
-    if (backbone, method) in UNAVAILABLE_NOTES:
-        return UNAVAILABLE_NOTES[(backbone, method)]
-    others = ", ".join(METHOD_LABELS[m] for m in VALID_METHODS[backbone])
-    tower = "a ViT" if backbone == "vit" else "a ResNet"
-    return f"{METHOD_LABELS[method]} is not available for {tower} image tower; use one of: {others}."
 
 
 # ---- examples ----
 
 
-def load_examples(folder: Path = SPACE_DIR / "examples") -> list[list[str]]:
-    """Example rows ``[image path, prompts (one per line), method]`` from ``examples.json`` (see make_examples.py)."""
+EXAMPLE_KINDS = ("scene", "photo")
+
+
+def example_kind(entry: Mapping) -> str:
+    """ "scene" for the project's synthetic shape scenes (they carry their generator ``seed``), else "photo"."""
+    return "scene" if "seed" in entry else "photo"
+
+
+def load_examples(folder: Path = SPACE_DIR / "examples", kind: str | None = None) -> list[list[str]]:
+    """Example rows ``[image path, prompts (one per line), method]`` from ``examples.json`` (see make_examples.py),
+    all of them or only one ``kind`` (photos are offered only with a model that knows photos)."""
     manifest = folder / "examples.json"
     if not manifest.is_file():
         return []
-    rows = json.loads(manifest.read_text())
+    rows = [row for row in json.loads(manifest.read_text()) if kind is None or example_kind(row) == kind]
     return [[str(folder / row["file"]), "\n".join(row["prompts"]), row["method"]] for row in rows]
 
 
@@ -545,84 +811,130 @@ def explain(loaded: LoadedModel, image: Image.Image, prompts: list[str], setting
     """Run ``model.explain`` once for the image and all prompts and turn its maps into what the UI shows."""
     import torch
 
-    options = method_options(loaded, settings)
+    chosen = plan(loaded, settings)
     tokens = tokenize_prompts(loaded.tokenizer, prompts, loaded.context_length)
     prepared = prepare_image(image, loaded)
     with loaded.lock:  # one explanation per model at a time: autograd state and threads are shared
         try:
             result = loaded.model.explain(
                 prepared.pixel_values, tokens.input_ids, attention_mask=tokens.attention_mask,
-                method=settings.method, **options,
+                method=chosen.call_method, **chosen.options,
             )  # fmt: skip
         except ValueError as error:  # an option the model rejects: its message lists the valid ones
-            raise UserError(f"{METHOD_LABELS[settings.method]}: {error}") from error
-        grid = head_maps(loaded, prepared.pixel_values, settings) if settings.head_grid else []
+            title = loaded.registry.EXPLAIN_METHODS[chosen.method].title
+            raise UserError(f"{title}: {error}") from error
+        layer = grid_layer(loaded, chosen)
+        grid = head_maps(loaded, prepared.pixel_values, layer) if settings.head_grid else []
     image_maps = result.image_maps[0].detach().float().numpy()  # [num_prompts, gh, gw]
     probabilities = torch.softmax(result.logits_per_image[0].detach().float(), dim=-1).tolist()
+    scores = token_scores(tokens.pieces, result.text_maps[0].detach().float().numpy())
+    note = method_note(loaded, chosen.method, chosen.resolved, chosen.is_default)
+    silent = silent_words_note(loaded.registry.EXPLAIN_METHODS[chosen.method].title, prompts, scores)
     return Explanation(
         overlays=[
-            (draw(loaded, prepared, image_maps[i], settings), f"{prompt} · {probabilities[i]:.0%}")
+            (draw(prepared, image_maps[i], settings), f"{prompt} · {probabilities[i]:.0%}")
             for i, prompt in enumerate(prompts)
         ],
         probabilities=dict(zip(prompts, probabilities, strict=True)),
-        token_relevance=token_entries(prompts, tokens.pieces, result.text_maps[0].detach().float().numpy()),
-        head_grid=head_grid_images(loaded, prepared, grid, settings),
-        note=method_note(settings.method, loaded.backbone),
+        token_relevance=token_entries(tokens.pieces, scores),
+        head_grid=head_grid_images(loaded, prepared, grid, layer, settings),
+        note=f"{silent}\n\n{note}" if silent else note,
     )
 
 
-def draw(loaded: LoadedModel, prepared: Prepared, grid_map: np.ndarray, settings: Settings, display=None):
+def draw(prepared: Prepared, grid_map: np.ndarray, settings: Settings, display=None):
     """One overlay: the map of the letterboxed square, cropped to the image, blended onto the display copy."""
     display = display or prepared.display
     mapped = imaging.map_on_image(grid_map, prepared.box, display.size)  # [H, W] in [0, 1], the image's shape
     # the map already has the image's aspect ratio, so `overlay` blends it over the whole image, pixel for pixel
-    return loaded.overlay(display, mapped, alpha=settings.alpha, colormap=settings.colormap)
+    return rendering.overlay(display, mapped, alpha=settings.alpha, colormap=settings.colormap, style=settings.style)
 
 
-def token_entries(prompts: list[str], pieces: list[list[str]], text_maps: np.ndarray) -> list[tuple[str, float | None]]:
-    """HighlightedText entries: each prompt's tokens with relevance scaled to max 1 within the prompt.
+def token_scores(pieces: list[list[str]], text_maps: np.ndarray) -> list[np.ndarray | None]:
+    """Each prompt's token relevance scaled to max 1 within the prompt; None where the map is zero on every word.
 
-    ``text_maps`` rows are laid out as the token ids ([start, pieces..., end, padding]); only the pieces are shown,
+    ``text_maps`` rows are laid out as the token ids ([start, pieces..., end, padding]); only the pieces count,
     since the markers are the same for every prompt.
     """
+    scores = []
+    for prompt_pieces, row in zip(pieces, text_maps, strict=True):
+        values = np.clip(np.asarray(row[1 : 1 + len(prompt_pieces)], dtype=np.float64), 0, None)
+        peak = values.max() if values.size else 0.0
+        scores.append(values / peak if peak > 0 else None)
+    return scores
+
+
+def token_entries(pieces: list[list[str]], scores: list[np.ndarray | None]) -> list[tuple[str, float | None]]:
+    """HighlightedText entries: each prompt's number, then its tokens with their scores (see :func:`token_scores`).
+
+    A prompt whose scores are None is shown as plain text (every entry None): an all-zero row would otherwise look
+    like a highlight that failed to render; :func:`silent_words_note` says why it is plain.
+    """
     entries: list[tuple[str, float | None]] = []
-    for index, (prompt_pieces, row) in enumerate(zip(pieces, text_maps, strict=True)):
-        scores = np.clip(np.asarray(row[1 : 1 + len(prompt_pieces)], dtype=np.float64), 0, None)
-        peak = scores.max() if scores.size else 0.0
-        scaled = scores / peak if peak > 0 else scores
+    for index, (prompt_pieces, prompt_scores) in enumerate(zip(pieces, scores, strict=True)):
         entries.append((f"{'   ' if index else ''}{index + 1}. ", None))
-        entries += [(text, round(float(score), 3)) for text, score in zip(prompt_pieces, scaled, strict=True)]
+        if prompt_scores is None:
+            entries += [(text, None) for text in prompt_pieces]
+        else:
+            entries += [
+                (text, round(float(score), 3)) for text, score in zip(prompt_pieces, prompt_scores, strict=True)
+            ]
     return entries
 
 
-def head_maps(loaded: LoadedModel, pixel_values, settings: Settings) -> list[np.ndarray]:
-    """Raw attention of every head of the chosen layer, from one image-tower pass: [grid, grid] each, max 1.
+def silent_words_note(title: str, prompts: list[str], scores: list[np.ndarray | None]) -> str:
+    """A sentence for prompts whose token map is zero everywhere ("" when every prompt has one)."""
+    silent = [
+        f"{index} (“{_shorten(prompt)}”)"
+        for index, (prompt, row) in enumerate(zip(prompts, scores, strict=True), start=1)
+        if row is None
+    ]
+    if not silent:
+        return ""
+    which, them = (f"prompt {silent[0]}", "it") if len(silent) == 1 else (f"prompts {', '.join(silent)}", "them")
+    return (
+        f"**No word relevance for {which}**: {title} gave every word of {them} a score "
+        f"of zero (no word raised the image–text score through what this method measures), so the words are shown "
+        "uncoloured. Another method (e.g. relevance) may still attribute the match to words."
+    )
+
+
+def grid_layer(loaded: LoadedModel, chosen: Plan) -> int:
+    """The image layer the per-head grid shows: the method's image-layer option when it has one, else the last
+    (a ResNet: its attention pool, 0)."""
+    registry = loaded.registry
+    entry = registry.EXPLAIN_METHODS[chosen.method]
+    option = next((o for o in entry.options if o.kind == "image_layer" and o.name in chosen.resolved), None)
+    return chosen.resolved[option.name] if option else loaded.num_layers - 1
+
+
+def head_maps(loaded: LoadedModel, pixel_values, layer: int) -> list[np.ndarray]:
+    """Raw attention of every head of image layer ``layer`` (0-based), from one image-tower pass: [grid, grid]
+    each, max 1.
 
     Raw attention does not depend on the prompt, so the text tower is not run. ViT: the class token's row over the
     patches; ResNet: the attention pool's query row over the grid.
     """
     import torch
 
-    layer = _layer_index(settings.layer, loaded.num_layers, "layer") if loaded.backbone == "vit" else 0
     with torch.no_grad():
         attentions = loaded.model.vision_model(pixel_values, output_attentions=True).attentions
     rows = attentions[layer][0, :, 0, 1:].float()  # [heads, grid * grid]
     grid = int(round(rows.shape[-1] ** 0.5))
-    maps = rows.reshape(-1, grid, grid).clamp_min(0)
+    maps = rows.reshape(-1, grid, grid).clamp_min(0)  # [heads, grid, grid]
     peaks = maps.amax(dim=(1, 2), keepdim=True)
     return list((maps / torch.where(peaks > 0, peaks, torch.ones_like(peaks))).numpy())
 
 
-def head_grid_images(loaded: LoadedModel, prepared: Prepared, maps: list[np.ndarray], settings: Settings):
+def head_grid_images(loaded: LoadedModel, prepared: Prepared, maps: list[np.ndarray], layer: int, settings: Settings):
     """Small overlays, one per head, captioned with the UI's 1-based numbering."""
     if not maps:
         return []
     thumb = prepared.display.resize(
         imaging.display_size(prepared.display.size, GRID_LONGEST), Image.Resampling.BILINEAR
     )
-    layer = _layer_index(settings.layer, loaded.num_layers, "layer") + 1 if loaded.backbone == "vit" else None
-    where = f"layer {layer}, " if layer else "attention pool, "
-    return [(draw(loaded, prepared, m, settings, thumb), f"{where}head {h + 1}") for h, m in enumerate(maps)]
+    where = f"layer {layer + 1}, " if loaded.backbone == "vit" else "attention pool, "
+    return [(draw(prepared, m, settings, thumb), f"{where}head {h + 1}") for h, m in enumerate(maps)]
 
 
 # ---- files handed to Gradio ----
@@ -687,6 +999,6 @@ def run_request(
     if image_source is None:
         raise UserError("Upload, paste or capture an image first.")
     loaded = cache.get(model_label)
-    method_options(loaded, settings)
+    plan(loaded, settings)
     image = imaging.decode_image(image_source)
     return explain(loaded, image, prompts, settings)

@@ -142,7 +142,13 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
 
 
 def _check_byte_size(source: str | os.PathLike | bytes) -> None:
-    size = len(source) if isinstance(source, bytes | bytearray) else os.path.getsize(source)
+    try:
+        size = len(source) if isinstance(source, bytes | bytearray) else os.path.getsize(source)
+    except FileNotFoundError as error:  # e.g. the upload outlived the cache lifetime (CLIPVIZ_CACHE_SECONDS)
+        raise ImageRejected(
+            "The uploaded image is no longer on the server (uploads are kept for a limited time). Please upload it "
+            "again."
+        ) from error
     if size > MAX_UPLOAD_BYTES:
         raise ImageRejected(
             f"This file is {size / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 2**20:.0f} MB. "

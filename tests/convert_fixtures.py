@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from clipviz.openai_clip import openai_model_module
 from configuration_clipviz import CLIPVizConfig
 from tests.conftest import pixels, tiny_config, token_ids
-from tests.openai_reference import openai_model_module, randomized_openai_clip
+from tests.openai_reference import randomized_openai_clip
 
 OPENAI_VOCAB = 49408
 HEAD_FLAGS = ["--text-heads", "4", "--vision-heads", "4"]

@@ -22,6 +22,8 @@ Behaviour worth knowing when writing assertions:
 - Upload mode (the preupload answer): "lfs" when the path ends with one of `LFS_SUFFIXES`, the file is at least
   `LFS_MIN_SIZE` bytes, or its first 512 bytes hold a NUL byte (binary); "regular" otherwise. A commit that sends
   a large or binary file inline is rejected, as the Hub rejects binary files pushed outside LFS.
+- Spaces (`repo_type="space"`, URLs under `/spaces/` and `/api/spaces/`) must be created with a known `space_sdk`
+  (400 otherwise, as on the Hub); their info answer carries `sdk`.
 - Every new repo starts with an "initial commit" holding a `.gitattributes` that lists `LFS_SUFFIXES`.
 - Commit ids are sha1 over the parent id, the sorted (path, git blob id) tree, the message and the time.
 - A commit that leaves the tree unchanged creates no commit and answers with the current head, so pushing identical
@@ -65,6 +67,7 @@ USER = "hub-tester"
 
 _REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _URL_PREFIXES = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+_SPACE_SDKS = ("gradio", "docker", "static", "streamlit")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _READ_CHUNK = 64 * 1024
 _LFS_BATCH_PATH = ["info", "lfs", "objects", "batch"]
@@ -199,6 +202,7 @@ class _Repo:
     repo_type: str
     repo_id: str
     private: bool
+    sdk: str | None = None  # spaces only: what runs the Space
     created_at: str = field(default_factory=_now)
     commits: dict[str, _Commit] = field(default_factory=dict)
     refs: dict[str, str] = field(default_factory=dict)
@@ -373,8 +377,11 @@ class _HubState:
         if (repo_type, repo_id) in self.repos:
             url = self.repos[(repo_type, repo_id)].url(request.base_url)
             raise _HttpError(409, f"You already created this {repo_type} repo", extra={"url": url})
+        sdk = body.get("sdk") if repo_type == "space" else None
+        if repo_type == "space" and sdk not in _SPACE_SDKS:
+            raise _HttpError(400, f"Invalid sdk {sdk!r} for a Space: one of {', '.join(_SPACE_SDKS)} is required")
         private = bool(body.get("private")) or body.get("visibility") == "private"
-        repo = self.repos[(repo_type, repo_id)] = _Repo(repo_type, repo_id, private)
+        repo = self.repos[(repo_type, repo_id)] = _Repo(repo_type, repo_id, private, sdk)
         return _json({"url": repo.url(request.base_url), "name": repo_id, "id": repo_id})
 
     def _delete_repo(self, request: _Request) -> _Response:
@@ -420,6 +427,8 @@ class _HubState:
             "siblings": siblings,
             "usedStorage": sum(len(blob.data) for blob in commit.files.values()),
         }
+        if repo.repo_type == "space":
+            info["sdk"] = repo.sdk
         return _json(info)
 
     def _tree(self, request: _Request, repo_type: str, repo_id: str, args: list[str]) -> _Response:

@@ -40,7 +40,7 @@ from clipviz.checkpoint_io import (
     read_torchscript,
     read_torchscript_state_dict,
 )
-from tests.openai_reference import openai_clip_dir, openai_model_module
+from clipviz.openai_clip import openai_clip_dir, openai_model_module
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipviz.rendering import overlay
+from clipviz.state_dict import transformers_clip_config
 from configuration_clipviz import CLIPVizConfig
 from explaining_clipviz import CLIPVizExplanationOutput, _discard_lowest
 from modeling_clipviz import CLIPVizModel
@@ -351,6 +352,22 @@ def test_overlay_keeps_the_image_size_and_blends_only_the_centre_crop():
     assert overlay(image, heat, colormap="gray").size == (80, 50)
 
 
+def test_overlay_fade_style_leaves_low_values_as_the_image():
+    """The "fade" style weights each pixel by alpha x value: where the map is 0 the image is unchanged, at the peak
+    it is the full style's blend."""
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    heat = torch.zeros(4, 4)
+    heat[0, 0] = 1.0  # one hot corner; the rest of the map is 0
+    faded = np.asarray(overlay(image, heat, alpha=0.8, style="fade")).astype(int)
+    full = np.asarray(overlay(image, heat, alpha=0.8, style="full")).astype(int)
+    original = image.astype(int)
+    assert np.abs(faded[-10:, -10:] - original[-10:, -10:]).max() <= 1  # the cold corner: the plain image
+    assert np.abs(full[-10:, -10:] - original[-10:, -10:]).max() > 20  # the full style colours it anyway
+    assert np.abs(faded[0, 0] - full[0, 0]).max() <= 30  # near the peak both blend about the same
+    with pytest.raises(ValueError, match="Unknown overlay style 'soft'; valid styles: full, fade"):
+        overlay(image, heat, style="soft")
+
+
 def test_overlay_rejects_bad_arguments():
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="jet, viridis, inferno, gray"):
@@ -407,31 +424,7 @@ def to_transformers_state_dict(model: CLIPVizModel) -> dict[str, torch.Tensor]:
 
 def transformers_twin(model: CLIPVizModel):
     transformers = pytest.importorskip("transformers")
-    text, vision = model.config.text_config, model.config.vision_config
-    config = transformers.CLIPConfig(
-        text_config=dict(
-            vocab_size=text.vocab_size,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            num_hidden_layers=text.num_hidden_layers,
-            num_attention_heads=text.num_attention_heads,
-            max_position_embeddings=text.max_position_embeddings,
-            hidden_act=text.hidden_act,
-            bos_token_id=text.bos_token_id,
-            eos_token_id=text.eos_token_id,
-            pad_token_id=text.pad_token_id,
-        ),
-        vision_config=dict(
-            image_size=vision.image_size,
-            patch_size=vision.patch_size,
-            hidden_size=vision.hidden_size,
-            intermediate_size=vision.intermediate_size,
-            num_hidden_layers=vision.num_hidden_layers,
-            num_attention_heads=vision.num_attention_heads,
-            hidden_act=vision.hidden_act,
-        ),
-        projection_dim=model.config.projection_dim,
-    )
+    config = transformers_clip_config(model.config)
     twin = transformers.CLIPModel._from_config(config, attn_implementation="eager").eval()
     missing, unexpected = twin.load_state_dict(to_transformers_state_dict(model), strict=False)
     assert not unexpected and all("position_ids" in key for key in missing), (missing, unexpected)

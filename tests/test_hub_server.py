@@ -96,6 +96,23 @@ def test_dataset_repos_live_under_their_own_prefix(api: HfApi, hub_server: HubSe
         api.model_info(REPO)
 
 
+def test_spaces_need_an_sdk_and_live_under_their_own_prefix(api: HfApi, hub_server: HubServer, tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {hub_server.token}"}
+    body = {"name": REPO.split("/")[1], "type": "space"}  # huggingface_hub itself refuses to send this
+    refused = httpx2.post(f"{hub_server.url}/api/repos/create", json=body, headers=headers)
+    assert refused.status_code == 400 and "Invalid sdk" in refused.json()["error"]
+    url = api.create_repo(REPO, repo_type="space", space_sdk="gradio")
+    assert url == f"{hub_server.url}/spaces/{REPO}"
+    api.upload_file(path_or_fileobj=b"import gradio\n", path_in_repo="app.py", repo_id=REPO, repo_type="space")
+    assert api.space_info(REPO).sdk == "gradio"
+    assert sorted(api.list_repo_files(REPO, repo_type="space")) == [".gitattributes", "app.py"]
+    path = hf_hub_download(REPO, "app.py", repo_type="space", endpoint=hub_server.url, cache_dir=tmp_path)
+    assert Path(path).read_bytes() == b"import gradio\n"
+    assert ("POST", f"/api/spaces/{REPO}/commit/main") in hub_server.log
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info(REPO)
+
+
 def test_upload_folder_then_download(
     api: HfApi, hub_server: HubServer, folder: Path, pushed: str, tmp_path: Path
 ) -> None:

@@ -30,16 +30,36 @@ def package_files() -> dict[str, Path]:
     }
 
 
-def imported_names(path: Path) -> set[str]:
-    """Every module a file imports, anywhere in it (`from clipviz import verify` counts as `clipviz.verify`)."""
+def imported_names(path: Path, optional: bool = True) -> set[str]:
+    """Every module a file imports, anywhere in it (`from clipviz import verify` counts as `clipviz.verify`);
+    with `optional=False`, not those inside a `try` that catches ImportError (an optional extra)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    skipped = (
+        set()
+        if optional
+        else {id(node) for guard in ast.walk(tree) if catches_import_error(guard) for node in ast.walk(guard)}
+    )
     names = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module)
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def catches_import_error(node: ast.AST) -> bool:
+    caught = {"ImportError", "ModuleNotFoundError"}
+    return isinstance(node, ast.Try) and any(
+        isinstance(handler.type, ast.Name)
+        and handler.type.id in caught
+        or isinstance(handler.type, ast.Tuple)
+        and any(getattr(item, "id", None) in caught for item in handler.type.elts)
+        for handler in node.handlers
+    )
 
 
 def test_the_package_never_imports_a_script():
@@ -49,6 +69,20 @@ def test_the_package_never_imports_a_script():
         for module, path in package_files().items()
     }
     assert not {module: names for module, names in offending.items() if names}
+
+
+def test_the_remote_code_never_imports_the_package():
+    """The Hub remote code ships alone: it imports only torch, transformers and the standard library; anything else
+    is an optional extra, imported inside a `try` that catches ImportError (`model.overlay` uses `clipviz.rendering`)."""
+    offending = {
+        name: sorted(
+            module
+            for module in imported_names(ROOT / f"{name}.py", optional=False)
+            if module.split(".")[0] in SCRIPTS | {"clipviz"}
+        )
+        for name in REMOTE_CODE
+    }
+    assert not {name: modules for name, modules in offending.items() if modules}
 
 
 def test_package_imports_have_no_cycle():

@@ -98,3 +98,15 @@ def test_deletion_and_insertion_follow_the_map():
     assert blurred.shape == image.shape and 0 < blurred[:, 4].mean() < 1
     with pytest.raises(ValueError, match="deletion"):
         metrics.perturbation_images(image, right, "erase", 4)
+
+
+def test_crop_region_is_where_overlay_draws():
+    from PIL import Image
+
+    from clipviz.rendering import overlay
+
+    for size, grid in (((40, 24), (2, 2)), ((24, 40), (2, 2)), ((30, 30), (3, 3)), ((50, 20), (2, 4))):
+        drawn = np.asarray(overlay(Image.new("RGB", size, "white"), np.ones(grid), alpha=1.0))
+        changed = (drawn != 255).any(axis=2)  # [H, W]
+        top, left, height, width = metrics.crop_region(size[1], size[0], grid)
+        assert changed[top : top + height, left : left + width].all() and changed.sum() == height * width, size

@@ -8,7 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from clipviz.state_dict import CheckpointKeyError, config_from_openai_state_dict, from_openai_state_dict
+from clipviz import verify
+from clipviz.state_dict import (
+    CheckpointKeyError,
+    config_from_openai_state_dict,
+    from_openai_state_dict,
+    transformers_clip_config,
+)
 from configuration_clipviz import PRESETS, CLIPVizConfig
 from tests.conftest import TINY_VOCAB, pixels, tiny_config, token_ids
 from tests.openai_reference import randomized_openai_clip
@@ -187,3 +193,61 @@ def test_inferred_heads_follow_openai(backbone):
     expected = 64 // 64 if backbone == "vit" else 2 * 32 // 64
     assert config.vision_config.num_attention_heads == expected
     assert config_from_openai_state_dict(state_dict, text_heads=4).text_config.num_attention_heads == 4
+
+
+def test_fp32_limits_pass_rounding_and_fail_a_wrong_mapping():
+    """The conversion's float32 limits (clipviz.verify.FP32_LIMITS) sit between float32 rounding, OpenAI's code
+    against ours on the same weights, and a single wrongly mapped tensor, as their comment says."""
+    reference = tiny_openai("vit")
+    image, text = pixels(2, 32), token_ids(3)
+    with torch.no_grad():
+        image_embeds, text_embeds = normalized(reference.encode_image(image)), normalized(reference.encode_text(text))
+        expected = verify.Outputs(
+            image_embeds, text_embeds, reference.logit_scale.exp() * image_embeds @ text_embeds.t()
+        )
+
+    def outputs(state_dict) -> verify.Outputs:
+        with torch.no_grad():
+            out = tiny_from_openai(state_dict)(input_ids=text, pixel_values=image)
+        return verify.Outputs(out.image_embeds, out.text_embeds, out.logits_per_image)
+
+    state_dict = reference.state_dict()
+    row = verify._parity_row("OpenAI", outputs(state_dict), expected, torch.float32)
+    assert max(row.max_abs_diff.values()) < 1e-5
+    q, k, v = state_dict["visual.transformer.resblocks.0.attn.in_proj_weight"].chunk(3)
+    wrong = {
+        "q and k swapped": {"visual.transformer.resblocks.0.attn.in_proj_weight": torch.cat([k, q, v])},
+        "ln_2 read as ln_1": {"transformer.resblocks.1.ln_1.weight": state_dict["transformer.resblocks.1.ln_2.weight"]},
+        "projection rows flipped": {"visual.proj": state_dict["visual.proj"].flip(0)},
+    }
+    for name, change in wrong.items():
+        try:
+            verify._parity_row("OpenAI", outputs({**state_dict, **change}), expected, torch.float32)
+        except verify.VerificationError as error:
+            assert "disagrees with OpenAI" in str(error), name
+        else:
+            pytest.fail(f"{name}: within the float32 limits")
+
+
+def test_transformers_clip_config_copies_the_architecture():
+    config = tiny_config("vit")
+    config.projection_dim, config.text_config.hidden_act = 16, "gelu"
+    hf, ours = transformers_clip_config(config).to_dict(), config.to_dict()
+    layer = {
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "hidden_act",
+        "layer_norm_eps",
+    }
+    for tower, fields in (
+        ("text_config", {"vocab_size", "bos_token_id", "eos_token_id"}),
+        ("vision_config", {"patch_size"}),
+    ):
+        shared = set(hf[tower]) & set(ours[tower]) - {"model_type", "transformers_version", "_name_or_path"}
+        assert layer | fields <= shared
+        assert {key: (hf[tower][key], ours[tower][key]) for key in shared if hf[tower][key] != ours[tower][key]} == {}
+    assert hf["projection_dim"] == 16 and hf["text_config"]["hidden_act"] == "gelu"
+    with pytest.raises(ValueError, match="no ResNet image tower"):
+        transformers_clip_config(tiny_config("resnet"))

@@ -42,7 +42,7 @@ def free_port() -> int:
 class SpaceServer:
     """``python space/app.py`` in a subprocess on a free port, stopped with the test process."""
 
-    def __init__(self, **env):
+    def __init__(self, app: Path = SPACE / "app.py", cwd: Path = ROOT, **env):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.workdir = Path(tempfile.mkdtemp(prefix="clipviz-space-"))
@@ -59,7 +59,7 @@ class SpaceServer:
         }
         with open(self.log, "wb") as log:
             self.process = subprocess.Popen(
-                [sys.executable, str(SPACE / "app.py")], cwd=ROOT, env=environment, stdout=log, stderr=log
+                [sys.executable, str(app)], cwd=cwd, env=environment, stdout=log, stderr=log
             )
         atexit.register(self.stop)
         self._wait_until_up()
@@ -112,10 +112,34 @@ def model_env() -> dict:
     return {"CLIPVIZ_EMBEDDED_DIR": str(folder)}
 
 
+CONFIGURED_HUB_REPOS = "clipviz/clip-vit-b-16,clipviz/clip-vit-b-32"
+
+
 @functools.cache
 def shared_server() -> SpaceServer:
-    """One server for this module and the browser test (started once per test process)."""
-    return SpaceServer(**model_env())
+    """One server for this module and the browser test (started once per test process): offline
+    (``HF_HUB_OFFLINE=1``) with two Hub repos configured, which are listed but cannot load."""
+    return SpaceServer(CLIPVIZ_HUB_REPOS=CONFIGURED_HUB_REPOS, **model_env())
+
+
+def closed_port_url() -> str:
+    return f"http://127.0.0.1:{free_port()}"  # nothing listens there once the probe socket is closed
+
+
+@pytest.fixture(scope="module")
+def unconfigured_server() -> SpaceServer:
+    """A newcomer's first run without network: no HF_HUB_OFFLINE, no configuration, the Hub simply unreachable; and
+    a short cache lifetime (6 s) for the cache test."""
+    server = SpaceServer(
+        HF_HUB_OFFLINE="0", HF_ENDPOINT=closed_port_url(), CLIPVIZ_CACHE_SECONDS="6", **model_env()
+    )  # fmt: skip
+    yield server
+    server.stop()
+
+
+def component_props(server: SpaceServer, elem_id: str) -> dict:
+    config = httpx.get(server.url + "config", timeout=10).json()
+    return next(c["props"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +163,18 @@ def test_explain_endpoint_is_the_only_public_api(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert list(endpoints) == ["/explain"]
     names = [p["parameter_name"] for p in endpoints["/explain"]["parameters"]]
-    assert names[:4] == ["image", "prompts", "model", "method"] and "start_layer" in names
+    page = ["image", "prompts", "model", "method", "head_grid", "opacity", "colormap", "style"]
+    from explaining_clipviz import EXPLAIN_METHODS  # every registry option is a parameter, in registry order
+
+    options = list(dict.fromkeys(o.name for m in EXPLAIN_METHODS.values() for o in m.options))
+    assert names == page + options and "start_layer" in names
+
+
+def test_without_a_method_the_models_default_runs(client):
+    _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"])
+    assert note.startswith("This model's default method") and "**Relevance (Chefer et al.)**" in note
+    _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"], method="rollout", style="fade")
+    assert note.startswith("**Attention rollout**")
 
 
 def test_overlays_probabilities_and_token_relevance(client):
@@ -185,7 +220,7 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
     readme = (SPACE / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'api_name="/explain"' in snippet
-    monkeypatch.chdir(SPACE)  # the snippet's image path is relative to the Space folder
+    monkeypatch.chdir(ROOT)  # where the README says to run things
     exec(snippet.replace("http://127.0.0.1:7860/", server.url), {"print": lambda *args, **kwargs: None})
 
 
@@ -195,9 +230,23 @@ def test_readme_client_snippet_runs(server, tmp_path, monkeypatch):
         ("", {}, "Type at least one prompt"),
         ("\n".join(f"p{i}" for i in range(9)), {}, "9 prompts given; the limit is 8"),
         (" ".join(["cat"] * 80), {}, "is 82 tokens long; CLIP reads at most 77 tokens"),
-        ("a cat", {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"}, "Rollout needs a stack"),
-        ("a cat", {"method": "attention", "head": "99"}, "head must be 'mean', 'max' or a number from 1 to"),
-        ("a cat", {"model": "clipviz/clip-vit-b-16"}, "Could not load the model 'clipviz/clip-vit-b-16'"),
+        (
+            "a cat",
+            {"model": "embedded: clipviz-tiny-resnet", "method": "rollout"},
+            "Attention rollout is not available for this model's ResNet image tower",
+        ),
+        ("a cat", {"method": "attention", "head": "99"}, "The head must be 'mean', 'max' or a number from 1 to"),
+        ("a cat", {"method": "attention", "layer": "0"}, "The layer must be 'last' or a number from 1 to"),
+        ("a cat", {"style": "soft"}, "soft"),
+        (
+            "a cat",
+            {"model": "clipviz/clip-vit-b-16"},
+            "Could not load the model 'clipviz/clip-vit-b-16': HF_HUB_OFFLINE is set and the model is not in the local",
+        ),
+        ("a cat", {"opacity": "abc"}, "The overlay opacity must be a number, not 'abc'"),
+        ("a cat", {"opacity": 3}, "The overlay opacity must be between 0 and 1, not 3"),
+        ("a cat", {"method": "rollout", "discard_ratio": "lots"}, "The discard ratio must be a number, not 'lots'"),
+        ("a cat", {"head_grid": "maybe"}, "The head_grid option must be true or false, not 'maybe'"),
     ],
 )
 def test_bad_requests_get_readable_errors(client, prompts, options, message):
@@ -215,6 +264,64 @@ def test_a_file_that_is_not_an_image_is_refused_readably(client, tmp_path):
 def test_an_unlisted_model_cannot_be_requested(client):
     with pytest.raises(AppError):  # the dropdown refuses values outside its choices: no arbitrary remote code
         explain(client, SCENE, ["a cat"], model="someone/malicious-repo")
+
+
+# ---- the cache does not grow ----
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()] if folder.is_dir() else []
+
+
+def test_uploads_and_results_leave_the_cache_after_their_lifetime(unconfigured_server, tmp_path):
+    """With ``CLIPVIZ_CACHE_SECONDS=6``, N requests (each a different upload, with the per-head grid for more
+    result files) fill Gradio's cache; a few seconds later it holds no more files than before the first request."""
+    cache = unconfigured_server.workdir / "gradio"
+    before = len(cache_files(cache))
+    client = Client(unconfigured_server.url, verbose=False)
+    for index in range(6):
+        image = tmp_path / f"scene_{index}.png"
+        with Image.open(SCENE) as scene:
+            scene.rotate(index * 15).save(image)  # different bytes: a new cache entry each time
+        explain(client, image, ["a photo of a blue circle", "a red square"], method="attention", head_grid=True)
+    during = len(cache_files(cache))
+    assert during >= before + 6 * 3  # at least the upload and two overlays per request
+    deadline = time.monotonic() + 60
+    while len(cache_files(cache)) > before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(cache_files(cache)) <= before, cache_files(cache)
+
+
+# ---- a first visit without network ----
+
+
+def test_offline_the_dropdown_offers_only_models_that_load(server, unconfigured_server):
+    embedded = ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
+    choices = [value for _, value in component_props(unconfigured_server, "model")["choices"]]
+    assert choices == embedded  # the Hub did not answer: no Hub repo listed
+    configured = [value for _, value in component_props(server, "model")["choices"]]
+    assert configured == embedded + CONFIGURED_HUB_REPOS.split(",")  # configured: listed (they fail readably)
+
+
+def test_photo_examples_are_offered_only_with_a_model_that_knows_photos(unconfigured_server):
+    """The default embedded model knows shape scenes: the photo examples stay hidden, the scene examples show."""
+    assert component_props(unconfigured_server, "photo-examples")["visible"] is False
+    config = httpx.get(unconfigured_server.url + "config", timeout=10).json()
+    labels = [c["props"].get("label") for c in config["components"] if c["type"] in ("dataset", "examples")]
+    assert "Examples: shape scenes" in labels and "Examples: photographs" in labels
+
+
+def test_checked_slider_refuses_what_a_slider_cannot_hold():
+    import gradio as gr
+    from inputs import CheckedSlider
+
+    slider = CheckedSlider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity")
+    assert slider.get_block_name() == "slider"  # gr.Slider's front end
+    assert slider.preprocess(0.3) == 0.3 and slider.preprocess("0.25") == 0.25
+    for bad, message in [("abc", "must be a number, not 'abc'"), (None, "must be a number, not None"),
+                         (1.5, "must be between 0 and 1, not 1.5"), ("-1", "must be between 0 and 1, not -1")]:  # fmt: skip
+        with pytest.raises(gr.Error, match=f"The overlay opacity {message}"):
+            slider.preprocess(bad)
 
 
 # ---- files the server must not hand out ----
@@ -346,7 +453,7 @@ def test_full_queue_answers_with_a_clear_message():
         statuses: list = []
 
         def join() -> None:
-            body = {"data": [image, prompts, None, "attention", "last", "mean", True], "fn_index": fn_index,
+            body = {"data": [image, prompts, None, "attention", True], "fn_index": fn_index,
                     "session_hash": uuid.uuid4().hex}  # fmt: skip
             response = httpx.post(small.url + "gradio_api/queue/join", json=body, timeout=30)
             statuses.append((response.status_code, response.text))

@@ -87,6 +87,25 @@ def test_an_example_fills_the_inputs_and_explains(page):
     assert all(p in page.locator("#probabilities").inner_text() for p in prompts)
 
 
+def test_a_first_visit_offers_scene_examples_not_photos(page):
+    """The default model knows shape scenes only: photographs would all score the same, so none are offered."""
+    page.get_by_text("Examples: shape scenes").wait_for()
+    assert not page.locator("#photo-examples").is_visible()
+    assert "trained on synthetic shape scenes only" in page.locator("#model-status").inner_text()
+
+
+def test_choosing_a_method_shows_its_options_and_how_to_read_it(page):
+    """The option controls come from the registry: each method shows its own, the model's default shows none."""
+    assert not page.locator("#option-layer").is_visible() and not page.locator("#option-discard_ratio").is_visible()
+    page.locator("#method").get_by_text("Attention rollout").click()
+    page.locator("#option-discard_ratio").wait_for(state="visible")
+    assert page.locator("#option-head_fusion").is_visible() and not page.locator("#option-layer").is_visible()
+    page.locator("#how-to-read").get_by_text("Attention rollout multiplies the attention").wait_for()
+    page.locator("#method").get_by_text("Raw attention").click()
+    page.locator("#option-layer").wait_for(state="visible")
+    assert not page.locator("#option-discard_ratio").is_visible()
+
+
 def test_a_model_that_cannot_load_says_why_on_the_page(page):
     page.locator("#model input").click()
     page.get_by_role("option", name="clipviz/clip-vit-b-32").click()

@@ -25,6 +25,8 @@ from conftest import TINY_TEXT, TINY_VISION  # noqa: E402
 from errors import UserError  # noqa: E402
 from explainer import ModelChoice, PromptError, Settings  # noqa: E402
 
+from explaining_clipviz import EXPLAIN_METHODS  # noqa: E402
+
 CLIP_VOCAB = 49408
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -83,23 +85,117 @@ def png_bytes(image: Image.Image) -> bytes:
 # ---- model choice ----
 
 
+def embedded_folders(root: Path, names=explainer.EMBEDDED_NAMES) -> Path:
+    for name in names:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+    return root
+
+
+def online() -> bool:
+    return True
+
+
+def offline() -> bool:
+    return False
+
+
 def test_default_choices_put_the_embedded_models_first_then_the_hub_repos(tmp_path):
-    for name in explainer.EMBEDDED_NAMES:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "config.json").write_text("{}")
-    choices = explainer.model_choices({"CLIPVIZ_EMBEDDED_DIR": str(tmp_path)})
+    choices = explainer.model_choices({"CLIPVIZ_EMBEDDED_DIR": str(embedded_folders(tmp_path))}, online)
     assert [c.label for c in choices[:2]] == ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
     assert choices[0].source == str(tmp_path / "clipviz-tiny-vit")
     assert [c.label for c in choices[2:]] == explainer.hub_repos({})
     assert "clipviz/clip-vit-b-16" in explainer.hub_repos({}) and len(explainer.hub_repos({})) == 9
+    assert [c.knows_photos for c in choices[:3]] == [False, False, True]
+
+
+def test_offline_the_dropdown_lists_only_models_that_can_load(tmp_path, monkeypatch):
+    """Without the Hub (unreachable, or HF_HUB_OFFLINE=1) the default Hub repos are not listed, and an embedded model
+    that is not present is left out; configured Hub repos are listed (they may be in the local cache)."""
+    monkeypatch.setattr(explainer, "SPACE_DIR", tmp_path / "space")  # not the repository's embedded/ folder
+    env = {"CLIPVIZ_EMBEDDED_DIR": str(embedded_folders(tmp_path, ["clipviz-tiny-vit"]))}
+    assert [c.label for c in explainer.model_choices(env, offline)] == ["embedded: clipviz-tiny-vit"]
+    never = lambda: pytest.fail("HF_HUB_OFFLINE=1: the Hub is not asked")  # noqa: E731
+    assert [c.label for c in explainer.model_choices({**env, "HF_HUB_OFFLINE": "1"}, never)] == [
+        "embedded: clipviz-tiny-vit"
+    ]
+    configured = explainer.model_choices({**env, "CLIPVIZ_HUB_REPOS": "me/my-clip"}, offline)
+    assert [c.label for c in configured] == ["embedded: clipviz-tiny-vit", "me/my-clip"]
+    assert [c.label for c in explainer.model_choices({**env, "CLIPVIZ_HUB_ORG": "me"}, offline)][1] == "me/clip-rn50"
+
+
+def test_with_no_local_model_at_all_the_embedded_entries_stay_to_say_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(explainer, "SPACE_DIR", tmp_path / "space")  # neither space/models nor ../embedded
+    labels = [c.label for c in explainer.model_choices({}, offline)]
+    assert labels == ["embedded: clipviz-tiny-vit", "embedded: clipviz-tiny-resnet"]
+    assert [c.label for c in explainer.model_choices({"CLIPVIZ_MODEL": "org/x"}, offline)] == ["org/x"]
+
+
+def test_models_shipped_with_the_space_come_before_the_embedded_ones(tmp_path, monkeypatch):
+    space = tmp_path / "space"
+    embedded_folders(space / "models", ["clipviz-tiny-vit", "my-vit-b-16"])
+    (space / "models" / "not-a-model").mkdir()
+    monkeypatch.setattr(explainer, "SPACE_DIR", space)
+    choices = explainer.model_choices({}, offline)
+    assert [c.label for c in choices] == ["my-vit-b-16", "embedded: clipviz-tiny-vit"]
+    assert choices[0].source == str(space / "models" / "my-vit-b-16") and choices[0].knows_photos
+    cache = explainer.ModelCache(choices)
+    assert cache.knows_photos(None) and not cache.knows_photos("embedded: clipviz-tiny-vit")
+    assert not cache.knows_photos("someone/else")
+
+
+def test_hub_reachability_is_asked_once_and_never_offline(monkeypatch):
+    from huggingface_hub import constants
+
+    from tests.hub_server import HubServer
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(explainer, "_reachability", {})
+    with HubServer() as hub:
+        assert explainer.hub_reachable(hub.url)
+        closed = hub.url
+        count = len(hub.log)
+    assert explainer.hub_reachable(closed)  # remembered: not asked again within the ttl
+    assert not explainer.hub_reachable(closed, ttl=0)  # asked again: the server is gone
+    assert count == 1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(explainer, "_reachability", {})
+    assert not explainer.hub_reachable(closed, ttl=0) and explainer._reachability == {}
+
+
+def test_a_hub_model_while_the_hub_does_not_answer_fails_at_once_from_the_local_cache(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, the Hub simply unreachable (a closed port): loading reads the local cache only, so the
+    error comes without the download retries, and says so."""
+    from huggingface_hub import constants
+
+    from tests.hub_server import HubServer
+
+    with HubServer() as hub:
+        closed = hub.url
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(explainer, "_reachability", {})
+    with pytest.raises(explainer.ModelLoadError) as caught:
+        explainer.load_model(ModelChoice("clipviz/clip-vit-b-16", "clipviz/clip-vit-b-16"))
+    assert str(caught.value) == (
+        f"Could not load the model 'clipviz/clip-vit-b-16': the Hub ({closed}) does not answer and the model is not "
+        "in the local cache. Choose a local model, or run with network access."
+    )
+
+
+def test_hub_ids_and_folders_are_told_apart(tmp_path):
+    assert explainer.is_hub_id("clipviz/clip-rn50") and explainer.is_hub_id("gpt2")
+    assert not explainer.is_hub_id(str(tmp_path / "nowhere")) and not explainer.is_hub_id("./models/x")
+    assert not explainer.is_hub_id("a/b/c") and not explainer.is_hub_id(str(tmp_path))
 
 
 def test_clipviz_model_and_revision_come_first(tmp_path):
     env = {"CLIPVIZ_MODEL": "org/my-clip", "CLIPVIZ_REVISION": "a" * 40, "CLIPVIZ_EMBEDDED_DIR": str(tmp_path)}
-    first = explainer.model_choices(env)[0]
+    first = explainer.model_choices(env, offline)[0]
     assert first == ModelChoice("org/my-clip", "org/my-clip", "a" * 40)
     env = {"CLIPVIZ_MODEL": "clipviz/clip-rn50", "CLIPVIZ_EMBEDDED_DIR": str(tmp_path)}
-    labels = [c.label for c in explainer.model_choices(env)]
+    labels = [c.label for c in explainer.model_choices(env, online)]
     assert labels[0] == "clipviz/clip-rn50" and labels.count("clipviz/clip-rn50") == 1
 
 
@@ -144,7 +240,8 @@ def test_loaded_model_reads_its_preprocessing_numbers(loaded):
     assert vit.image_size == 32 and vit.mean == pytest.approx(OPENAI_MEAN) and vit.std == pytest.approx(OPENAI_STD)
     assert vit.backbone == "vit" and vit.num_layers == 2 and vit.num_heads == 4 and vit.context_length == 77
     assert loaded["resnet"].backbone == "resnet" and loaded["resnet"].num_layers == 1
-    assert callable(vit.overlay) and "jet" in vit.colormaps
+    assert "attention" in vit.registry.EXPLAIN_METHODS  # the model's own registry (its remote-code module)
+    assert vit.registry.__name__.startswith("transformers_modules.")  # loaded from the folder, not this checkout
     # the folder's own tokenizer (OpenAI's text clean-up), not transformers' plain CLIPTokenizer
     assert type(vit.tokenizer).__name__ == "CLIPVizTokenizer"
     curly, straight = (vit.tokenizer(text)["input_ids"] for text in ("a cat’s toy &amp; ball", "a cat's toy & ball"))
@@ -218,37 +315,98 @@ def test_token_pieces_read_back_as_the_prompt(loaded):
 
 
 def test_settings_from_ui_values():
-    settings = explainer.settings_from_ui("attention", "2", "3", True, 0.3, "viridis", "max", 0.5, "last")
-    assert settings == Settings("attention", 2, "3", True, 0.3, "viridis", "max", 0.5, None)
-    assert explainer.settings_from_ui("relevance", "last", "mean", False, 0.5, "jet", "mean", 0, "1").start_layer == 1
+    settings = explainer.settings_from_ui("attention", True, 0.3, "viridis", "fade", {"layer": "2", "head": "3"})
+    assert settings == Settings("attention", {"layer": "2", "head": "3"}, True, 0.3, "viridis", "fade")
+    unset = explainer.settings_from_ui(None, False, 0.5, "jet", None, {})
+    assert (unset.method, unset.style) == (explainer.DEFAULT_METHOD, "full")
     with pytest.raises(UserError, match="opacity must be between 0 and 1"):
-        explainer.settings_from_ui("relevance", "last", "mean", False, 1.5, "jet", "mean", 0.0, "last")
-    with pytest.raises(UserError, match="layer must be 'last' or a whole number"):
-        explainer.parse_layer("top")
+        explainer.settings_from_ui("relevance", False, 1.5, "jet", "full", {})
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"alpha": "abc"}, r"overlay opacity \(opacity\) must be a number, not 'abc'"),
+        ({"alpha": None}, r"overlay opacity \(opacity\) must be a number, not None"),
+        ({"alpha": "nan"}, r"overlay opacity \(opacity\) must be a number, not 'nan'"),
+        ({"alpha": True}, r"overlay opacity \(opacity\) must be a number, not True"),
+        ({"head_grid": "maybe"}, "head_grid option must be true or false, not 'maybe'"),
+    ],
+)
+def test_non_numeric_api_values_get_readable_errors(values, message):
+    """What an API client can send for the sliders and the checkbox: a UserError naming the option, not float()'s."""
+    ui = {"method": "rollout", "head_grid": False, "alpha": 0.5, "colormap": "jet", "style": "full", "options": {}}
+    with pytest.raises(UserError, match=message):
+        explainer.settings_from_ui(**(ui | values))
+
+
+def test_numbers_and_flags_as_text_are_accepted():
+    settings = explainer.settings_from_ui("rollout", "true", "0.25", "jet", "full", {"discard_ratio": "0.5"})
+    assert (settings.alpha, settings.head_grid) == (0.25, True)
+    assert explainer.settings_from_ui("rollout", "false", 1, "jet", "full", {}).head_grid is False
+
+
+# ---- methods and options from the registry ----
+
+
+def registry_options() -> list[tuple[str, str]]:
+    """(method, option) pairs of the repository's registry, in registry order."""
+    from explaining_clipviz import EXPLAIN_METHODS
+
+    return [(m.name, o.name) for m in EXPLAIN_METHODS.values() for o in m.options]
+
+
+def test_option_fields_are_the_registry_options(loaded):
+    fields = explainer.option_fields(loaded["vit"].registry)
+    pairs = registry_options()
+    assert [f.key for f in fields] == list(dict.fromkeys(name for _, name in pairs))
+    for f in fields:
+        assert f.name == f.key and set(f.methods) == {m for m, name in pairs if name == f.name}
+
+
+def test_option_fields_give_clashing_names_their_own_control():
+    from types import SimpleNamespace
+
+    from explaining_clipviz import ExplainOption
+
+    def method(name, *options):
+        return SimpleNamespace(name=name, options=options)
+
+    registry = SimpleNamespace(
+        EXPLAIN_METHODS={
+            "a": method("a", ExplainOption("layer", "image_layer", -1, "h"), ExplainOption("model", "choice", "x", "h", ("x",))),
+            "b": method("b", ExplainOption("layer", "text_layer", -1, "h"), ExplainOption("ratio", "float", 0.5, "h", minimum=0.0, maximum=1.0, maximum_exclusive=True)),
+            "c": method("c", ExplainOption("layer", "image_layer", 0, "h")),
+        }
+    )  # fmt: skip
+    fields = {f.key: f for f in explainer.option_fields(registry)}
+    assert list(fields) == ["layer", "a_model", "b_layer", "ratio"]
+    assert fields["layer"].methods == ("a", "c") and fields["b_layer"].kind == "text_layer"
+    assert fields["a_model"].name == "model"  # "model" is the page's own parameter
+    assert (fields["ratio"].minimum, fields["ratio"].maximum) == (0.0, 0.99)  # below the exclusive maximum
+    assert explainer.option_fields(None) == []
 
 
 @pytest.mark.parametrize(
     ("backbone", "settings", "options"),
     [
-        ("vit", Settings("attention"), {"head": "mean", "text_head": "mean", "layer": 1}),
-        ("vit", Settings("attention", layer=1, head="4"), {"head": 3, "text_head": 3, "layer": 0}),
-        ("vit", Settings("attention", head="max"), {"head": "max", "text_head": "max", "layer": 1}),
-        (
-            "vit",
-            Settings("rollout", head_fusion="min", discard_ratio=0.5),
-            {"head_fusion": "min", "discard_ratio": 0.5},
-        ),
-        ("vit", Settings("relevance"), {}),
-        ("vit", Settings("relevance", start_layer=1), {"start_layer": 0}),
+        ("vit", Settings("attention"), {}),
+        ("vit", Settings("attention", {"layer": "1", "head": "4"}), {"layer": 0, "head": 3}),
+        ("vit", Settings("attention", {"layer": "last", "head": "max", "text_head": "same"}), {"layer": -1, "head": "max", "text_head": None}),
+        ("vit", Settings("attention", {"text_layer": "1", "text_head": "2"}), {"text_layer": 0, "text_head": 1}),
+        ("vit", Settings("rollout", {"head_fusion": "min", "discard_ratio": 0.5}), {"head_fusion": "min", "discard_ratio": 0.5}),
+        ("vit", Settings("relevance", {"start_layer": "1", "head": "3"}), {"start_layer": 0}),  # head: not relevance's
         ("vit", Settings("gradcam"), {}),
-        ("resnet", Settings("attention", head="2"), {"head": 1, "text_head": 1}),
-        ("resnet", Settings("relevance", start_layer=1), {}),
+        ("resnet", Settings("attention", {"head": "2", "layer": "1"}), {"head": 1, "layer": 0}),
+        ("resnet", Settings("relevance", {"start_layer": "1"}), {}),  # no image start layer on a ResNet
         ("resnet", Settings("gradcam"), {}),
     ],
-)
-def test_options_map_onto_what_model_explain_accepts(loaded, backbone, settings, options):
+)  # fmt: skip
+def test_plans_map_the_page_values_onto_what_model_explain_accepts(loaded, backbone, settings, options):
     model = loaded[backbone]
-    assert explainer.method_options(model, settings) == options
+    chosen = explainer.plan(model, settings)
+    assert (chosen.method, chosen.call_method, chosen.options) == (settings.method, settings.method, options)
+    assert chosen.resolved == model.registry.resolve_options(settings.method, options, model.config)
     size = model.image_size
     ids = explainer.tokenize_prompts(model.tokenizer, ["a cat"], 77)
     out = model.model.explain(
@@ -257,50 +415,155 @@ def test_options_map_onto_what_model_explain_accepts(loaded, backbone, settings,
     assert out.image_maps.shape[:2] == (1, 1)
 
 
+def test_the_models_default_method_is_used_when_none_is_chosen(loaded):
+    """method "default": ``model.explain(method=None)``, i.e. config.explain_method with config.explain_options."""
+    model = loaded["vit"]
+    model.config.explain_method, model.config.explain_options = "rollout", {"head_fusion": "max"}
+    try:
+        chosen = explainer.plan(model, Settings(options={"head_fusion": "min"}))  # controls do not apply to it
+        assert (chosen.method, chosen.call_method, chosen.options, chosen.is_default) == ("rollout", None, {}, True)
+        assert chosen.resolved == {"head_fusion": "max", "discard_ratio": 0.0}
+        cache = explainer.ModelCache([model.choice], loader=lambda choice: model)
+        result = explainer.run_request(cache, png_bytes(photo()), "a cat\na dog", None, Settings())
+        assert result.note.startswith("This model's default method (head fusion: max, discard ratio: 0.0). **Attention")
+        ids = explainer.tokenize_prompts(model.tokenizer, ["a cat"], 77)
+        prepared = explainer.prepare_image(photo(), model)
+        expected = model.model.explain(
+            prepared.pixel_values, ids.input_ids, ids.attention_mask, "rollout", head_fusion="max"
+        )
+        default = model.model.explain(prepared.pixel_values, ids.input_ids, ids.attention_mask, chosen.call_method)
+        assert torch.equal(expected.image_maps, default.image_maps)
+        assert explainer.controls(model).methods[0] == ("Model's default: Attention rollout", "default")
+        model.config.explain_options = {"head_fusion": "median"}
+        with pytest.raises(UserError, match="This model's default explanation is invalid"):
+            explainer.plan(model, Settings())
+    finally:
+        model.config.explain_method, model.config.explain_options = "relevance", {}
+
+
 @pytest.mark.parametrize(
     ("backbone", "settings", "message"),
     [
-        (
-            "resnet",
-            Settings("rollout"),
-            "Rollout needs a stack of attention layers; the ResNet image tower has a single",
-        ),
-        (
-            "vit",
-            Settings("saliency"),
-            "Unknown method 'saliency'; choose one of: attention, rollout, relevance, gradcam",
-        ),
-        ("vit", Settings("attention", layer=3), "layer must be from 1 to 2 for this model, not 3"),
-        ("vit", Settings("attention", head="5"), "head must be 'mean', 'max' or a number from 1 to 4"),
-        ("vit", Settings("attention", head="0"), "head must be 'mean', 'max' or a number from 1 to 4"),
-        ("vit", Settings("rollout", head_fusion="median"), "`head_fusion`='median' .* 'mean', 'max', 'min'"),
-        ("vit", Settings("rollout", discard_ratio=1.0), r"Attention rollout: `discard_ratio`=1.0 .* in \[0, 1\)"),
+        ("resnet", Settings("rollout"), "Attention rollout is not available for this model's ResNet image tower .*It needs a stack of attention layers"),
+        ("vit", Settings("saliency"), "Unknown method 'saliency'; choose one of: default, attention, rollout, relevance, gradcam"),
+        ("vit", Settings("attention", {"layer": "3"}), "The layer must be 'last' or a number from 1 to 2 for this model, not '3'"),
+        ("vit", Settings("attention", {"layer": "top"}), "The layer must be 'last' or a number from 1 to 2"),
+        ("vit", Settings("attention", {"head": "5"}), "The head must be 'mean', 'max' or a number from 1 to 4 for this model, not '5'"),
+        ("vit", Settings("attention", {"head": "0"}), "The head must be 'mean', 'max' or a number from 1 to 4"),
+        ("vit", Settings("attention", {"text_head": "x"}), "The text head must be 'same', 'mean', 'max' or a number from 1 to"),
+        ("vit", Settings("rollout", {"head_fusion": "median"}), "Attention rollout: `head_fusion`='median' is not valid here; valid values: 'mean', 'max', 'min'"),
+        ("vit", Settings("rollout", {"discard_ratio": 1.0}), r"Attention rollout: `discard_ratio`=1.0 must be a number in \[0, 1\)"),
+        ("vit", Settings("rollout", {"discard_ratio": "lots"}), "The discard ratio must be a number, not 'lots'"),
         ("vit", Settings("relevance", colormap="rainbow"), "Unknown colour map 'rainbow'; choose one of: jet"),
+        ("vit", Settings("relevance", style="soft"), "Unknown overlay style 'soft'; choose one of: full, fade"),
     ],
-)
+)  # fmt: skip
 def test_invalid_options_are_explained(loaded, backbone, settings, message):
     with pytest.raises(UserError, match=message):
-        explainer.method_options(loaded[backbone], settings)
+        explainer.plan(loaded[backbone], settings)
 
 
 def test_controls_follow_the_backbone(loaded):
+    registry = loaded["vit"].registry
     vit, resnet = explainer.controls(loaded["vit"]), explainer.controls(loaded["resnet"])
-    assert [m for _, m in vit.methods] == list(explainer.METHODS)
-    assert vit.layers == ["last", "1", "2"] and vit.heads == ["mean", "max", "1", "2", "3", "4"] and vit.has_layers
-    assert [m for _, m in resnet.methods] == ["attention", "relevance", "gradcam"] and not resnet.has_layers
-    assert "Rollout needs a stack of attention layers" in resnet.status and "ResNet" in resnet.status
+    assert [m for _, m in vit.methods] == ["default"] + [m.name for m in registry.methods_for("vit")]
+    assert [m for _, m in resnet.methods] == ["default"] + [m.name for m in registry.methods_for("resnet")]
+    assert "rollout" not in [m for _, m in resnet.methods] and "ResNet" in resnet.status
+    assert "Not offered for this image tower: Attention rollout" in resnet.status
+    assert "Not offered" not in vit.status
 
 
-def test_every_method_has_a_note_for_every_backbone():
-    for method in explainer.METHODS:
-        for backbone in ("vit", "resnet"):
-            note = explainer.method_note(method, backbone)
-            assert len(note) > 80
-    assert "class token" in explainer.method_note("attention", "vit")
-    assert "attention pool" in explainer.method_note("attention", "resnet")
-    assert explainer.method_note("rollout", "resnet").startswith("Rollout needs")
-    assert "earlier first layer" in explainer.method_note("relevance", "vit")  # the registry's how_to_read
-    assert "attention pool" in explainer.method_note("relevance", "resnet")
+def test_field_views_follow_the_model_and_the_method(loaded):
+    fields = explainer.option_fields(loaded["vit"].registry)
+    keys = [f.key for f in fields]
+
+    def shown(backbone, method):
+        views = explainer.field_views(loaded[backbone], fields, method)
+        return {key: (view.choices, view.value) for key, view in zip(keys, views, strict=True) if view.visible}
+
+    attention = shown("vit", "attention")
+    assert attention["layer"] == (("last", "1", "2"), "last")
+    assert attention["head"] == (("mean", "max", "1", "2", "3", "4"), "mean")
+    assert attention["text_head"][1] == "same" and attention["text_head"][0][:3] == ("same", "mean", "max")
+    assert set(attention) == {"layer", "head", "text_layer", "text_head"}
+    assert shown("vit", "rollout") == {"head_fusion": (("mean", "max", "min"), "mean"), "discard_ratio": ((), 0.0)}
+    assert set(shown("vit", "relevance")) == {"start_layer", "start_layer_text"}
+    assert set(shown("resnet", "relevance")) == {"start_layer_text"}  # no image start layer on a ResNet
+    assert shown("resnet", "attention")["layer"] == (("last", "1"), "last")
+    assert shown("vit", "default") == {} and shown("vit", "gradcam") == {}
+
+
+def test_a_method_added_to_the_registry_appears_with_its_controls_and_runs(loaded):
+    """Nothing in the Space names the methods: one registered in the model's registry (a toy "patch norm" with an
+    int and a choice option, ViT only) is offered, gets its controls, is explained by its own note and runs."""
+    import dataclasses
+
+    model = loaded["vit"]
+    registry = model.registry
+
+    def norm_maps(net, inputs, options):
+        registry.encode(net, inputs, image_attentions=False)
+        tokens = inputs.vision.last_hidden_state[:, 1:]  # [I, gh*gw, D]
+        image = tokens.norm(dim=-1) ** options["power"]  # [I, gh*gw]
+        image = image[None].expand(inputs.input_ids.shape[0], *image.shape).transpose(0, 1)  # [I, T, gh*gw]
+        text = torch.ones(image.shape[0], *inputs.input_ids.shape)  # [I, T, L]
+        return registry._to_grid(image, inputs), text
+
+    method = registry.ExplainMethod(
+        name="patchnorm", title="Patch norm", function=norm_maps, backbones=("vit",),
+        options=(
+            registry.ExplainOption("power", "int", 1, "exponent", minimum=1, maximum=3),
+            registry.ExplainOption("flavour", "choice", "plain", "a choice", ("plain", "fancy")),
+        ),
+        prompt_dependent=False, cost="forward only", needs_grad=False,
+        how_to_read="Bright patches have large token norms.", reference="A toy method for this test.",
+    )  # fmt: skip
+    registry.register(method)
+    try:
+        fields = explainer.option_fields(registry)
+        power = next(f for f in fields if f.key == "power")
+        assert dataclasses.astuple(power)[2:] == ("int", "Power", "exponent", (), 1, 3, 1, ("patchnorm",))
+        assert ("Patch norm", "patchnorm") in explainer.controls(model).methods
+        assert "Patch norm" not in dict(explainer.controls(loaded["resnet"]).methods)
+        views = dict(zip([f.key for f in fields], explainer.field_views(model, fields, "patchnorm"), strict=True))
+        assert {k for k, v in views.items() if v.visible} == {"power", "flavour"}
+        assert views["flavour"].choices == ("plain", "fancy") and views["power"].value == 1
+        cache = explainer.ModelCache([model.choice], loader=lambda choice: model)
+        settings = Settings("patchnorm", {"power": "2", "flavour": "fancy"})
+        result = explainer.run_request(cache, png_bytes(photo()), "a cat", None, settings)
+        assert result.note.startswith("**Patch norm**: Bright patches have large token norms.")
+        with pytest.raises(UserError, match=r"Patch norm: `power`=4 must be a whole number in \[1, 3\]"):
+            explainer.plan(model, Settings("patchnorm", {"power": 4}))
+        # each model folder runs its own copy of the code: the ResNet model's registry never heard of it
+        with pytest.raises(UserError, match="Unknown method 'patchnorm'; choose one of: default, attention, rel"):
+            explainer.plan(loaded["resnet"], Settings("patchnorm"))
+    finally:
+        del registry.EXPLAIN_METHODS["patchnorm"]
+
+
+def test_the_page_is_laid_out_from_the_default_models_registry_or_the_repositorys(loaded):
+    import explaining_clipviz
+
+    def failing(choice):
+        raise explainer.ModelLoadError("offline")
+
+    working = explainer.ModelCache([loaded["vit"].choice], loader=lambda choice: loaded["vit"])
+    assert explainer.page_registry(working) is loaded["vit"].registry
+    assert explainer.page_registry(explainer.ModelCache([ModelChoice("x", "x")], loader=failing)) is explaining_clipviz
+    assert [v for _, v in explainer.page_methods(explaining_clipviz)] == [
+        "default",
+        *explaining_clipviz.EXPLAIN_METHODS,
+    ]
+
+
+def test_every_method_has_its_registry_note(loaded):
+    for backbone in ("vit", "resnet"):
+        model = loaded[backbone]
+        for entry in model.registry.methods_for(backbone):
+            note = explainer.method_note(model, entry.name)
+            assert note.startswith(f"**{entry.title}**: {entry.how_to_read}") and entry.reference in note
+        assert explainer.method_note(model, "default").startswith("This model's default method")
+    assert "class token" in explainer.method_note(loaded["vit"], "attention")
 
 
 # ---- one request end to end ----
@@ -347,7 +610,7 @@ def test_request_gives_overlays_probabilities_and_token_relevance(loaded, backbo
     assert ["".join(w).strip() for w in words] == prompts
     scores = [s for _, s in result.token_relevance if s is not None]
     assert all(0.0 <= s <= 1.0 for s in scores) and max(scores) == 1.0
-    assert result.head_grid == [] and result.note == explainer.method_note("relevance", backbone)
+    assert result.head_grid == [] and result.note == explainer.method_note(model, "relevance")
 
 
 def test_overlays_sit_on_the_right_place_of_a_non_square_photo(loaded):
@@ -357,11 +620,14 @@ def test_overlays_sit_on_the_right_place_of_a_non_square_photo(loaded):
     hot = np.zeros((4, 4), np.float32)
     hot[1, 0] = 1.0
     settings = Settings(alpha=1.0, colormap="gray")
-    overlay = np.asarray(explainer.draw(model, prepared, hot, settings), np.float32).mean(-1)  # [256, 512]
+    overlay = np.asarray(explainer.draw(prepared, hot, settings), np.float32).mean(-1)  # [256, 512]
     assert overlay.shape == (256, 512)
     assert overlay[:64, :64].mean() > 3 * overlay[-64:, -64:].mean()
-    untouched = explainer.draw(model, prepared, hot, Settings(alpha=0.0))
+    untouched = explainer.draw(prepared, hot, Settings(alpha=0.0))
     assert np.array_equal(np.asarray(untouched), np.asarray(prepared.display))
+    faded = np.asarray(explainer.draw(prepared, hot, Settings(alpha=1.0, colormap="gray", style="fade")), np.float32)
+    display = np.asarray(prepared.display, np.float32)
+    assert np.abs(faded[-64:, -64:] - display[-64:, -64:]).max() <= 1  # cold regions: the photo itself
 
 
 def test_exif_orientation_reaches_the_overlays(loaded):
@@ -379,44 +645,48 @@ def test_head_grid_equals_explain_attention_per_head(loaded, backbone):
     """The grid comes from one image-tower pass; each head must match ``explain(method="attention", head=h)``."""
     model = loaded[backbone]
     prepared = explainer.prepare_image(photo(), model)
-    settings = Settings("attention", layer=1 if backbone == "vit" else None, head_grid=True)
-    maps = explainer.head_maps(model, prepared.pixel_values, settings)
+    maps = explainer.head_maps(model, prepared.pixel_values, 0)
     assert len(maps) == model.num_heads
     ids = explainer.tokenize_prompts(model.tokenizer, ["a cat"], 77)
     for head in range(model.num_heads):
-        options = explainer.method_options(model, Settings("attention", layer=settings.layer, head=str(head + 1)))
+        options = explainer.plan(model, Settings("attention", {"layer": "1", "head": str(head + 1)})).options
         expected = model.model.explain(prepared.pixel_values, ids.input_ids, ids.attention_mask, "attention", **options)
         assert np.allclose(maps[head], expected.image_maps[0, 0].numpy(), atol=1e-5)
 
 
-def test_image_heads_the_text_tower_lacks_fall_back_to_its_mean(tmp_path):
-    """ViT-B/16-like head counts (more image than text heads): every image head is offered; the token row uses
-    the same head where the text tower has it and the mean over its heads otherwise."""
+def test_image_heads_the_text_tower_lacks_need_a_text_head(tmp_path):
+    """ViT-B/16-like head counts (more image than text heads): every image head is offered, the text head control
+    offers the text tower's; an image head the text tower lacks, with the text head left at "same", says so."""
     model = explainer.load_model(
         ModelChoice("tiny", str(save_tiny_model(tmp_path / "m", "vit", num_attention_heads=2)))
     )
     assert (model.num_heads, model.num_text_heads) == (4, 2)
-    offered = explainer.controls(model)
-    assert offered.heads == ["mean", "max", "1", "2", "3", "4"] and "the mean over its heads" in offered.status
-    options = {h: explainer.method_options(model, Settings("attention", head=h)) for h in ("2", "4", "max")}
-    assert options["2"] == {"head": 1, "text_head": 1, "layer": 1}
-    assert options["4"] == {"head": 3, "text_head": "mean", "layer": 1}
-    assert options["max"] == {"head": "max", "text_head": "max", "layer": 1}
+    fields = explainer.option_fields(model.registry)
+    views = dict(zip([f.key for f in fields], explainer.field_views(model, fields, "attention"), strict=True))
+    assert views["head"].choices == ("mean", "max", "1", "2", "3", "4")
+    assert views["text_head"].choices == ("same", "mean", "max", "1", "2")
+    assert explainer.plan(model, Settings("attention", {"head": "2"})).resolved["text_head"] == 1
+    with pytest.raises(
+        UserError, match=r"Raw attention: `head`=3 exists in the image tower \(4 heads\) but not in the text"
+    ):
+        explainer.plan(model, Settings("attention", {"head": "4"}))
     result = explainer.run_request(
         explainer.ModelCache([model.choice], loader=lambda choice: model), png_bytes(photo()), "a cat", None,
-        Settings("attention", head="4"),
+        Settings("attention", {"head": "4", "text_head": "mean"}),
     )  # fmt: skip
     assert len(result.overlays) == 1
 
 
 def test_request_with_head_grid(loaded):
     cache = explainer.ModelCache([loaded["vit"].choice], loader=lambda choice: loaded["vit"])
-    settings = Settings("attention", layer=2, head="2", head_grid=True)
+    settings = Settings("attention", {"layer": "2", "head": "2"}, head_grid=True)
     result = explainer.run_request(cache, png_bytes(photo()), "a cat\na dog", None, settings)
     assert [caption for _, caption in result.head_grid] == [f"layer 2, head {h}" for h in range(1, 5)]
     assert all(image.size == (192, 128) for image, _ in result.head_grid)
     # raw attention on the image side ignores the prompt: both prompts get the same overlay
     assert np.array_equal(np.asarray(result.overlays[0][0]), np.asarray(result.overlays[1][0]))
+    relevance = explainer.run_request(cache, png_bytes(photo()), "a cat", None, Settings("relevance", head_grid=True))
+    assert relevance.head_grid[0][1] == "layer 2, head 1"  # relevance's start layer: the last by default
 
 
 def test_request_checks_prompts_before_the_image_and_the_image_before_the_model(loaded):
@@ -462,8 +732,16 @@ def test_examples_are_licensed_decodable_and_promptable():
     assert len(rows) == len(manifest) >= 6
     for (path, prompts, method), entry in zip(rows, manifest, strict=True):
         assert Path(path).name == entry["file"] and imaging.decode_image(path).mode == "RGB"
-        assert 2 <= len(explainer.parse_prompts(prompts)) <= explainer.MAX_PROMPTS and method in explainer.METHODS
+        assert 2 <= len(explainer.parse_prompts(prompts)) <= explainer.MAX_PROMPTS
+        assert method in EXPLAIN_METHODS
         assert Path(path).name in licences or ("scene_" in path and "scene_*.png" in licences)
+
+
+def test_examples_split_into_scenes_and_photos():
+    scenes, photos = explainer.load_examples(kind="scene"), explainer.load_examples(kind="photo")
+    assert len(scenes) == 3 and len(photos) >= 3 and len(scenes) + len(photos) == len(explainer.load_examples())
+    assert all(Path(row[0]).name.startswith("scene_") for row in scenes)
+    assert not any(Path(row[0]).name.startswith("scene_") for row in photos)
 
 
 def test_scene_examples_are_the_projects_held_out_scenes():
@@ -480,27 +758,29 @@ def test_scene_examples_are_the_projects_held_out_scenes():
         assert entry["prompts"][:-1] == scene.captions and entry["prompts"][-1] not in scene.captions
 
 
-def test_deployed_space_folder_finds_registry_and_drawing_in_its_own_copies(tmp_path):
-    """A Space repository is ``space/`` alone plus the copies its README lists; nothing of the checkout is on the
-    path, so the method registry and ``overlay`` must come from those copies."""
-    import os
-    import shutil
-    import subprocess
+# ---- words without relevance ----
 
-    space = shutil.copytree(ROOT / "space", tmp_path / "space", ignore=shutil.ignore_patterns("examples", "models"))
-    (space / "clipviz").mkdir()
-    for name in ("__init__.py", "rendering.py"):
-        shutil.copyfile(ROOT / "clipviz" / name, space / "clipviz" / name)
-    shutil.copyfile(ROOT / "explaining_clipviz.py", space / "explaining_clipviz.py")
-    script = (
-        "import explainer; "
-        "print(explainer.registry.__file__, explainer.rendering.__file__, ','.join(explainer.VALID_METHODS['vit']))"
-    )
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=space, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    registry_file, rendering_file, methods = result.stdout.split()
-    assert Path(registry_file).parent == space and Path(rendering_file).parent == space / "clipviz"
-    assert methods.split(",")[:4] == ["attention", "rollout", "relevance", "gradcam"]
+
+def test_token_scores_scale_per_prompt_and_mark_all_zero_rows():
+    pieces = [["a ", "cat "], ["a ", "dog "]]
+    text_maps = np.array([[0.0, 0.2, 0.4, 0.9, 0.0], [0.0, 0.0, 0.0, 0.7, 0.0]])  # [start, a, cat/dog, end, pad]
+    scores = explainer.token_scores(pieces, text_maps)
+    assert np.allclose(scores[0], [0.5, 1.0]) and scores[1] is None  # the end marker's 0.7 does not count
+    entries = explainer.token_entries(pieces, scores)
+    assert entries == [("1. ", None), ("a ", 0.5), ("cat ", 1.0), ("   2. ", None), ("a ", None), ("dog ", None)]
+    note = explainer.silent_words_note("Grad-CAM", ["a cat", "a dog"], scores)
+    assert note.startswith("**No word relevance for prompt 2 (“a dog”)**: Grad-CAM gave every word of it a score")
+    assert explainer.silent_words_note("Grad-CAM", ["a cat"], scores[:1]) == ""
+
+
+def test_gradcam_on_a_photo_with_the_embedded_model_explains_its_uncoloured_words():
+    """The embedded model knows shapes, not photos: Grad-CAM's text maps for a cat photo come out zero everywhere.
+    The words are shown plain and the note says why, instead of an all-zero highlight that looks broken."""
+    folder = ROOT / "embedded" / "clipviz-tiny-vit"
+    loaded = explainer.load_model(ModelChoice("embedded: clipviz-tiny-vit", str(folder)))
+    image = imaging.decode_image(explainer.SPACE_DIR / "examples" / "chelsea.jpg")
+    prompts = ["a photo of a cat", "a photo of a dog"]
+    result = explainer.explain(loaded, image, prompts, Settings("gradcam"))
+    assert all(score is None for _, score in result.token_relevance)
+    assert result.note.startswith("**No word relevance for prompts 1 (“a photo of a cat”), 2 (“a photo of a dog”)**")
+    assert "Grad-CAM" in result.note.split("\n\n", 1)[1]  # the method's own how-to-read text follows

@@ -305,3 +305,8 @@ def test_map_on_image_lands_on_the_same_place_of_the_picture(size):
     assert peak_y <= max(1, display[1] // 4) and peak_x <= max(1, display[0] // 4)
     cold = imaging.map_on_image(np.zeros((grid, grid)), box, display)
     assert cold.shape == mapped.shape and not cold.any()
+
+
+def test_an_upload_that_is_gone_asks_for_it_again(tmp_path):
+    with pytest.raises(imaging.ImageRejected, match="no longer on the server .* Please upload it again"):
+        imaging.decode_image(tmp_path / "deleted-by-the-cache-cleaner.png")

@@ -14,6 +14,7 @@ import torch
 from tokenizers import Regex, pre_tokenizers
 from transformers import AutoTokenizer, CLIPTokenizerFast  # transformers 5: an alias of CLIPTokenizer
 
+from clipviz.openai_clip import openai_clip_dir, openai_model_module
 from clipviz.tokenizer_files import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -22,7 +23,7 @@ from clipviz.tokenizer_files import (
     load_openai_bpe_merges,
     write_tokenizer_files,
 )
-from tests.openai_reference import openai_clip_dir, openai_model_module, openai_tokenizer_module
+from tests.openai_reference import openai_tokenizer_module
 from tokenization_clipviz import OPENAI_SPLIT_PATTERN, openai_pieces
 
 SOT, EOT = 49406, 49407
