@@ -22,6 +22,7 @@ import time.
 
 import importlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,8 @@ class ExplainOption:
     when `maximum_exclusive`), "choice" against `choices`, "image_layer"/"text_layer" as a Python-style layer index
     of that tower (negative counts from the end), "image_head"/"text_head" as a head index of that tower or one of
     `choices` (named fusions such as "mean"). A "text_head" whose value is None takes the method's "image_head"
-    value (which must then exist in the text tower too).
+    value (which must then exist in the text tower too). An "int"/"float" option whose default is None accepts None
+    (the method then computes the value, as its `help` says).
     """
 
     name: str
@@ -198,7 +200,7 @@ def resolve_options(method_name: str, options: dict, config) -> dict:
             if value not in option.choices:
                 valid = ", ".join(map(repr, option.choices))
                 raise ValueError(f"`{option.name}`={value!r} is not valid here; valid values: {valid}.")
-        else:
+        elif value is not None or option.default is not None:  # a None default: the method computes it
             resolved[option.name] = _check_number(option, value)
     return resolved
 
@@ -550,6 +552,225 @@ def gradcam_maps(model, inputs: ExplainInputs, options: dict):
     return _to_grid(image.transpose(0, 1), inputs), text
 
 
+# ---- Shared pieces of LeGrad, GEM, MaskCLIP and ClearCLIP ----
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def _min_max(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Each map (over `dims`) shifted and scaled to [0, 1], as the methods' authors show them; flat maps become 0."""
+    low, high = maps.amin(dim=dims, keepdim=True), maps.amax(dim=dims, keepdim=True)
+    spread = high - low
+    return (maps - low) / torch.where(spread > 0, spread, torch.ones_like(spread))
+
+
+@contextmanager
+def _kept_projections(blocks, first: int):
+    """While active, the blocks from `first` on record what their attention is fed, in block order: a list of
+    (the LayerNorm'ed block input `[B, N, D]`, its fused q/k/v projection `[B, N, 3D]`). The rewired paths start
+    from these, so the tower's own pass is not repeated."""
+    kept = []
+    hooks = [
+        block.self_attn.qkv_proj.register_forward_hook(lambda module, args, output: kept.append((args[0], output)))
+        for block in blocks[first:]
+    ]
+    try:
+        yield kept
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _split_qkv(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fused projection `[B, N, 3D]` -> query, key, value, each `[B, heads, N, head_dim]` (views)."""
+    batch, length, _ = qkv.shape
+    qkv = qkv.view(batch, length, 3, num_heads, -1)  # [B, N, 3, heads, head_dim]
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, head_dim]
+
+
+def _encode_for_dense_maps(model, inputs: ExplainInputs, first: int) -> list:
+    """One graph-free pass of each tower for the gradient-free methods: the image tower on the fast attention path
+    with its hidden states, keeping its blocks' attention inputs from `first` on (`_kept_projections`); the text
+    tower with its attentions (for `_eot_text_maps`)."""
+    with _kept_projections(model.vision_model.encoder.layers, first) as kept:
+        encode(model, inputs, image_attentions=False, image_hidden_states=True)
+    return kept
+
+
+def _dense_maps(features: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
+    """Cosine of each grid cell's projected feature `[I, gh*gw, P]` with each prompt, min-max scaled per map:
+    `[I, T, gh, gw]`."""
+    similarity = _unit(features.float()) @ inputs.text_unit.float().t()  # [I, gh*gw, T]
+    return _to_grid(_min_max(similarity.transpose(1, 2), dims=(-1,)), inputs)
+
+
+def _projected_patches(model, tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens `[I, 1 + gh*gw, D]` -> the patches' features in the joint space `[I, gh*gw, P]`."""
+    vision = model.vision_model
+    return vision.project(vision.ln_post(tokens[:, 1:]))
+
+
+def _eot_text_maps(inputs: ExplainInputs) -> torch.Tensor:
+    """The gradient-free methods' text map: the end-of-text token's last-layer attention over its prompt, mean
+    over heads, the same for every image: `[I, T, L]`."""
+    text = _eot_rows(_fuse_heads(inputs.text.attentions[-1], "mean"), inputs.input_ids)  # [T, L]
+    return text[None].expand(inputs.pixel_values.shape[0], -1, -1)
+
+
+# ---- MaskCLIP ----
+
+
+def maskclip_maps(model, inputs: ExplainInputs, options: dict):
+    """MaskCLIP: the last attention layer's value path applied to every token / grid cell, compared with the
+    prompt. ViT: as the authors' code, each token attends to itself alone (the value and output projections),
+    then the block's residual and MLP, `ln_post` and the projection. ResNet: the attention pool's value and output
+    projections as 1x1 convolutions on the last feature map (no positional embedding, as the authors')."""
+    vision = model.vision_model
+    if model.config.vision_config.backbone == "resnet":
+        encode(model, inputs, image_attentions=False, image_hidden_states=False)
+        pool = vision.attnpool
+        cells = inputs.vision.last_hidden_state.flatten(2).transpose(1, 2)  # [I, h*w, C]
+        return _dense_maps(pool.out_proj(pool.v_proj(cells)), inputs), _eot_text_maps(inputs)
+    block = vision.encoder.layers[-1]
+    ((_, qkv),) = _encode_for_dense_maps(model, inputs, len(vision.encoder.layers) - 1)
+    hidden = inputs.vision.hidden_states[-2]  # [I, N, D]: the last block's input
+    value = qkv[..., 2 * hidden.shape[-1] :]  # [I, N, D]
+    tokens = hidden + block.self_attn.out_proj(value)  # [I, N, D]
+    tokens = tokens + block.mlp(block.ln_2(tokens))
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
+
+
+# ---- ClearCLIP ----
+
+
+def clearclip_maps(model, inputs: ExplainInputs, options: dict):
+    """ClearCLIP: the last block with query-query attention, without the residual and without the MLP."""
+    modeling, block = modeling_module(), model.vision_model.encoder.layers[-1]
+    ((normed, qkv),) = _encode_for_dense_maps(model, inputs, len(model.vision_model.encoder.layers) - 1)
+    query, _, value = _split_qkv(qkv, block.self_attn.num_heads)  # [I, heads, N, head_dim] each
+    use_sdpa = modeling._uses_sdpa(model.config.vision_config, normed)
+    context = modeling.multi_head_attention(query, query, value, use_sdpa=use_sdpa)[0]  # [I, heads, N, head_dim]
+    tokens = block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
+
+
+# ---- GEM ----
+
+
+def _self_self_attention(query, key, value, inverse_temperature, iterations: int, use_sdpa: bool) -> torch.Tensor:
+    """GEM's self-self attention: q, k and v each attend to themselves by cosine x `inverse_temperature`
+    (`iterations` rounds, each replacing the path by its attended self), then each path's own attention is applied
+    to v and the three are averaged: `[B, heads, N, head_dim]`. `multi_head_attention` divides scores by
+    sqrt(head_dim), so the queries carry that factor back."""
+    attention = modeling_module().multi_head_attention
+    query_scale = inverse_temperature * query.shape[-1] ** 0.5
+
+    def attend(x_unit, values):
+        return attention(x_unit * query_scale, x_unit, values, use_sdpa=use_sdpa)[0]  # [B, heads, N, head_dim]
+
+    context = 0
+    for x in (query, key, value):
+        for _ in range(iterations):
+            x_unit = _unit(x)
+            x = attend(x_unit, x_unit)
+        context = context + attend(_unit(x), value)
+    return context / 3
+
+
+def gem_maps(model, inputs: ExplainInputs, options: dict):
+    """GEM: a parallel path through the last `depth - 1` blocks that adds self-self attention (fed by the
+    ordinary path's tokens) and skips the MLP; its projected patches are compared with the prompt."""
+    modeling, blocks = modeling_module(), model.vision_model.encoder.layers
+    first = len(blocks) - min(options["depth"] - 1, len(blocks))
+    kept = _encode_for_dense_maps(model, inputs, first)
+    tokens = inputs.vision.hidden_states[first]  # [I, N, D]: the first rewired block's input
+    use_sdpa = modeling._uses_sdpa(model.config.vision_config, tokens)
+    for block, (normed, qkv) in zip(blocks[first:], kept, strict=True):
+        query, key, value = _split_qkv(qkv, block.self_attn.num_heads)  # [I, heads, N, head_dim] each
+        temperature = options["ss_attn_temp"]
+        if temperature is None:  # the authors' default: mean token norm of the attention input x the head scale
+            norms = normed.float().norm(dim=-1).mean(dim=-1)  # [I]
+            temperature = (norms * query.shape[-1] ** -0.5).to(query.dtype)[:, None, None, None]  # [I, 1, 1, 1]
+        context = _self_self_attention(query, key, value, temperature, options["ss_attn_iter"], use_sdpa)
+        tokens = tokens + block.self_attn.out_proj(modeling._merge_heads(context))  # [I, N, D]
+    return _dense_maps(_projected_patches(model, tokens), inputs), _eot_text_maps(inputs)
+
+
+# ---- LeGrad ----
+
+
+def _legrad_block(block, hidden: torch.Tensor, qkv: torch.Tensor, attn_mask=None):
+    """A block recomputed from its input `[B, N, D]` and its kept q/k/v projection, with its attention weights as
+    a leaf that requires grad: returns (the block's output `[B, N, D]`, the weights `[B, heads, N, N]`). The
+    backward then runs only the paths from the weights to the output (weights times values, output projection,
+    MLP)."""
+    modeling = modeling_module()
+    query, key, value = _split_qkv(qkv, block.self_attn.num_heads)
+    with torch.no_grad():
+        weights = modeling.multi_head_attention(query, key, value, attn_mask, need_weights=True, use_sdpa=False)[1]
+    weights = weights.requires_grad_(True)  # [B, heads, N, N]
+    x = hidden + block.self_attn.out_proj(modeling._merge_heads(weights @ value))  # [B, N, D]
+    return x + block.mlp(block.ln_2(x)), weights
+
+
+def legrad_maps(model, inputs: ExplainInputs, options: dict):
+    """LeGrad: for each layer l from `start_layer` on, s_l = the cosine of that block's output (mean over all
+    tokens, through `ln_post` and the projection) with the prompt; the map sums, over l, the mean over heads and
+    query rows of ReLU(ds_l/dA_l), without the class token's column. The text side mirrors it: s_l from the
+    end-of-text token of text block l (through `ln_final` and the text projection) against the image. Each block
+    is recomputed from its detached input, so s_l reaches only A_l, and all layers share one vmapped backward."""
+    vision, text_model = model.vision_model, model.text_model
+    start, text_start = options["start_layer"], options["start_layer_text"]
+    with (
+        _kept_projections(vision.encoder.layers, start) as kept,
+        _kept_projections(text_model.encoder.layers, text_start) as text_kept,
+    ):
+        encode(model, inputs, image_attentions=False, text_attentions=False, text_hidden_states=True)
+    return _legrad_image(model, inputs, start, kept), _legrad_text(model, inputs, text_start, text_kept)
+
+
+def _legrad_image(model, inputs: ExplainInputs, start: int, kept: list) -> torch.Tensor:
+    """LeGrad's image maps `[I, T, gh, gw]`, min-max scaled, from the image blocks' kept projections."""
+    vision = model.vision_model
+    scores, weights = 0, []
+    for index, (block, (_, qkv)) in enumerate(zip(vision.encoder.layers[start:], kept, strict=True), start):
+        out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index], qkv)
+        scores = scores + _unit(vision.project(vision.ln_post(out.mean(dim=1)))) @ inputs.text_unit.t()  # [I, T]
+        weights.append(layer_weights)
+    grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "text", scores))  # [T, I, h, N, N]
+    image = sum(grad.float().clamp(min=0).mean(dim=(2, 3)) for grad in grads)[..., 1:]  # [T, I, gh*gw]
+    return _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), inputs)  # [I, T, gh, gw]
+
+
+def _legrad_text(model, inputs: ExplainInputs, start: int, kept: list) -> torch.Tensor:
+    """LeGrad's text maps `[I, T, L]` (unscaled), from the text blocks' kept projections."""
+    text_model, hidden_states, input_ids = model.text_model, inputs.text.hidden_states, inputs.input_ids
+    mask = text_model.attention_mask(input_ids, inputs.attention_mask, hidden_states[0].dtype)
+    rows, eot = torch.arange(input_ids.shape[0], device=input_ids.device), input_ids.argmax(dim=-1)
+    scores, weights = 0, []
+    for index, (block, (_, qkv)) in enumerate(zip(text_model.encoder.layers[start:], kept, strict=True), start):
+        out, layer_weights = _legrad_block(block, hidden_states[index], qkv, mask)
+        pooled = text_model.ln_final(out[rows, eot])  # [T, D]: each prompt's end-of-text token
+        features = pooled @ model.text_projection.to(pooled.dtype)  # [T, P]
+        scores = scores + inputs.image_unit @ _unit(features).t()  # [I, T]
+        weights.append(layer_weights)
+    grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "image", scores))  # [I, T, h, L, L]
+    return sum(_text_query_mean(grad.float().clamp(min=0), inputs) for grad in grads)  # [I, T, L]
+
+
+def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
+    """LeGrad's mean over heads and query rows on the causal text side, `[I, T, heads, L, L]` -> `[I, T, L]`: over
+    the entries the attention has (query and key both prompt tokens, the key not after the query)."""
+    valid = inputs.text_valid  # [T, L]
+    length = valid.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()  # [L, L]
+    allowed = (valid[:, :, None] & valid[:, None, :] & causal).to(grads.dtype)  # [T, L, L]
+    summed = (grads.mean(dim=2) * allowed).sum(dim=-2)  # [I, T, L]
+    return summed / valid.sum(dim=-1, keepdim=True).to(grads.dtype)
+
+
 HEAD_CHOICES = ("mean", "max")
 
 register(
@@ -667,6 +888,134 @@ register(
 )
 
 
+register(
+    ExplainMethod(
+        name="legrad",
+        title="LeGrad",
+        function=legrad_maps,
+        backbones=("vit",),
+        options=(
+            ExplainOption(
+                "start_layer",
+                "image_layer",
+                -2,
+                "first image layer whose attention gradient is summed (-2: the last two, as the authors' wrapper)",
+            ),
+            ExplainOption("start_layer_text", "text_layer", -2, "first text layer whose attention gradient is summed"),
+        ),
+        prompt_dependent=True,
+        cost="one backward",
+        needs_grad=True,
+        how_to_read=(
+            "LeGrad asks every late layer on its own how well the image, as that layer sees it (its tokens "
+            "averaged and projected into the joint space), matches the prompt, and marks the patches whose "
+            "attention would raise that match: the positive gradient of each layer's score with respect to its "
+            "attention, averaged over heads and over the tokens that attend, summed over layers. Bright: patches "
+            "that pull the image towards the prompt. The map is scaled from its lowest to its highest value, as the "
+            "authors show it. The token colours are the same construction on the text tower (each late text "
+            "layer's end-of-text token against the image)."
+        ),
+        reference=(
+            "Bousselham, Boggust, Chaybouti, Strobelt & Kuehne 2024, LeGrad: An Explainability Method for Vision "
+            "Transformers via Feature Formation Sensitivity (arXiv 2404.03214); code: legrad-torch."
+        ),
+    )
+)
+
+register(
+    ExplainMethod(
+        name="gem",
+        title="GEM (Grounding Everything)",
+        function=gem_maps,
+        backbones=("vit",),
+        options=(
+            ExplainOption(
+                "depth",
+                "int",
+                7,
+                "the self-self attention path runs through the last depth - 1 blocks (all of them if fewer)",
+                minimum=2,
+            ),
+            ExplainOption(
+                "ss_attn_iter",
+                "int",
+                1,
+                "rounds of self-self attention before the last one, which is applied to the values (0: that one only)",
+                minimum=0,
+            ),
+            ExplainOption(
+                "ss_attn_temp",
+                "float",
+                None,
+                "inverse temperature of the self-self attention; None: mean token norm x head_dim^-0.5 (authors')",
+                minimum=0.0,
+            ),
+        ),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "GEM adds a second path through the last blocks where every token attends to tokens similar to itself "
+            "(queries to queries, keys to keys, values to values) instead of to what the class token needs; the "
+            "patch features it yields stay local, so comparing each patch with the prompt gives a dense map. "
+            "Bright: patches whose feature is closest to the prompt, scaled from the lowest to the highest "
+            "similarity in the image (so some region is always bright: compare prompts, and read the logits). No "
+            "gradients. The token colours are the end-of-text token's last-layer attention over the prompt."
+        ),
+        reference=(
+            "Bousselham, Petersen, Ferrari & Kuehne 2024, Grounding Everything: Emerging Localization Properties "
+            "in Vision-Language Transformers (CVPR); code: gem-torch."
+        ),
+    )
+)
+
+register(
+    ExplainMethod(
+        name="maskclip",
+        title="MaskCLIP",
+        function=maskclip_maps,
+        backbones=("vit", "resnet"),
+        options=(),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "MaskCLIP reads a feature for every patch (ViT) or grid cell (ResNet) from the value path of the last "
+            "attention layer, which CLIP trained to carry what the image shows, and compares it with the prompt. "
+            "Bright: cells whose feature is closest to the prompt, scaled from the lowest to the highest similarity "
+            "in the image (some region is always bright: compare prompts). No gradients; for a ResNet this is the "
+            "dense, prompt-specific map of its last feature map. The token colours are the end-of-text token's "
+            "last-layer attention over the prompt."
+        ),
+        reference="Zhou, Loy & Dai 2022, Extract Free Dense Labels from CLIP (ECCV).",
+    )
+)
+
+register(
+    ExplainMethod(
+        name="clearclip",
+        title="ClearCLIP",
+        function=clearclip_maps,
+        backbones=("vit",),
+        options=(),
+        prompt_dependent=True,
+        cost="forward only",
+        needs_grad=False,
+        how_to_read=(
+            "ClearCLIP rewires the last block: each patch attends to patches with similar queries, and the "
+            "residual connection and the MLP, which add noise to the patch features, are left out; each patch's "
+            "resulting feature is compared with the prompt. Bright: patches closest to the prompt, scaled from the "
+            "lowest to the highest similarity in the image (some region is always bright: compare prompts). No "
+            "gradients. The token colours are the end-of-text token's last-layer attention over the prompt."
+        ),
+        reference=(
+            "Lan, Zhang, Yue, Li & Li 2024, ClearCLIP: Decomposing CLIP Representations for Dense "
+            "Vision-Language Inference (ECCV)."
+        ),
+    )
+)
+
+
 # ---- The model's `explain` ----
 
 
@@ -735,6 +1084,24 @@ class CLIPVizExplainMixin:
                   (channel weights = mean gradient over the grid) or on the tokens entering the last ViT block
                   (token features weighted by their mean gradient); the text side likewise on the tokens entering
                   the last text block, with `y` = unit image embedding . text embedding.
+                - `"legrad"` (ViT only): LeGrad (Bousselham et al. 2024). For each layer from `start_layer` on, the
+                  cosine of that block's output (mean over tokens, through `ln_post` and the projection) with the
+                  prompt is differentiated w.r.t. that layer's attention; ReLU, mean over heads and query rows, sum
+                  over layers, min-max scaled. Options: `start_layer` (default -2: the last two layers, as the
+                  authors' wrapper), `start_layer_text` (default -2; the text side takes each text layer's
+                  end-of-text token against the image).
+                - `"gem"` (ViT only): GEM (Bousselham et al. 2024), no gradients: a parallel self-self attention
+                  path (q-q, k-k, v-v, averaged, applied to v, no MLP) through the last `depth - 1` blocks; each
+                  patch's projected feature against the prompt, min-max scaled. Options: `depth` (default 7, the
+                  authors'; all blocks if the model has fewer), `ss_attn_iter` (default 1), `ss_attn_temp` (default
+                  None: mean token norm x head_dim^-0.5).
+                - `"maskclip"`: MaskCLIP (Zhou et al. 2022), no gradients: ViT, the last block's value path (value
+                  and output projections, residual, MLP) for every token; ResNet, the attention pool's value and
+                  output projections on every grid cell; each against the prompt, min-max scaled.
+                - `"clearclip"` (ViT only): ClearCLIP (Lan et al. 2024), no gradients: the last block with q-q
+                  attention, no residual, no MLP; each patch against the prompt, min-max scaled.
+                  The three gradient-free methods' text map is the end-of-text token's last-layer attention over
+                  the prompt (mean over heads).
             options: the method's options (`EXPLAIN_METHODS[method].options`).
 
         Returns:

@@ -12,7 +12,8 @@ ModifiedResNet CLIP, so RN50's naive row is our own model with a full `backward(
 
 Usage::
 
-    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50]
+    python benchmarks/bench_explain.py [--repeats 5] [--threads 2] [--models ViT-B/16 RN50] [--methods gem legrad]
+        [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -41,8 +42,12 @@ METHODS = {
         ("relevance", {}),
         ("relevance", {"start_layer": 0}),
         ("gradcam", {}),
+        ("legrad", {}),
+        ("gem", {}),
+        ("maskclip", {}),
+        ("clearclip", {}),
     ],
-    "RN50": [("attention", {}), ("relevance", {}), ("gradcam", {})],
+    "RN50": [("attention", {}), ("relevance", {}), ("gradcam", {}), ("maskclip", {})],
 }
 
 
@@ -54,19 +59,27 @@ def prompts(count: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
     return ids
 
 
-def timed_interleaved(functions: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over ``repeats`` rounds, after a warm-up round.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed_interleaved(
+    functions: dict[str, Callable[[], object]], repeats: int, clock: str = "wall"
+) -> dict[str, float]:
+    """Best time of each function over ``repeats`` rounds, after a warm-up round.
 
     Rounds visit every function in turn, so a burst of load from other processes hits all of them alike, and the
-    minimum is the least disturbed measurement of each.
+    minimum is the least disturbed measurement of each. ``clock="cpu"`` counts this process's CPU time instead of
+    wall time: with one thread, time spent waiting for a core that other processes hold is left out (for a shared
+    machine; with several threads it sums their work).
     """
+    now = CLOCKS[clock]
     best = {name: float("inf") for name in functions}
     for round_index in range(repeats + 1):
         for name, function in functions.items():
-            started = time.perf_counter()
+            started = now()
             function()
             if round_index:  # round 0 warms up
-                best[name] = min(best[name], time.perf_counter() - started)
+                best[name] = min(best[name], now() - started)
     return best
 
 
@@ -119,27 +132,32 @@ def label(method: str, options: dict) -> str:
     return method + "".join(f" {key}={value}" for key, value in options.items())
 
 
-def bench(preset: str, repeats: int, counts: tuple[int, ...]) -> list[tuple[str, dict[int, float]]]:
-    """Rows of (name, {prompt count: seconds})."""
+def bench(
+    preset: str, repeats: int, counts: tuple[int, ...], only: list[str] | None = None, clock: str = "wall"
+) -> list[tuple[str, dict[int, float]]]:
+    """Rows of (name, {prompt count: seconds}); `only`: just these methods (the naive row comes with
+    "relevance")."""
     torch.manual_seed(0)
     model = CLIPVizModel(CLIPVizConfig.from_preset(preset)).eval()
     size = model.config.vision_config.image_size
     px = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     inputs = {count: prompts(count, model.config.text_config.vocab_size) for count in counts}
     rows = {"our plain forward (sdpa, no grad)": lambda ids: plain_forward(model, px, ids)}
-    for method, options in METHODS[preset]:
+    methods = [(m, o) for m, o in METHODS[preset] if only is None or m in only]
+    for method, options in methods:
         rows[f"explain {label(method, options)}"] = lambda ids, m=method, o=options: model.explain(
             px, ids, method=m, **o
         )
-    if model.config.vision_config.backbone == "vit":
+    naive = only is None or "relevance" in only
+    if naive and model.config.vision_config.backbone == "vit":
         twin = transformers_twin(model)
         rows["naive: transformers CLIPModel eager + backward per prompt (relevance)"] = lambda ids: naive_transformers(
             twin, px, ids
         )
-    else:
+    elif naive:
         rows["naive: full backward per prompt (relevance)"] = lambda ids: naive_resnet(model, px, ids)
     functions = {(name, c): (lambda f=f, c=c: f(inputs[c])) for name, f in rows.items() for c in counts}
-    best = timed_interleaved(functions, repeats)
+    best = timed_interleaved(functions, repeats, clock)
     return [(name, {c: best[(name, c)] for c in counts}) for name in rows]
 
 
@@ -163,15 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", nargs="+", help="time only these methods (e.g. --methods gem maskclip)")
+    parser.add_argument(
+        "--clock", choices=list(CLOCKS), default="wall", help="wall time, or CPU time (a shared machine, --threads 1)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     counts = (1, 8)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, 1 image, prompts of {PROMPT_LENGTH} tokens; "
-        f"best of {args.repeats} interleaved rounds"
+        f"best of {args.repeats} interleaved rounds, {args.clock} time"
     )
     for preset in args.models:
-        rows = bench(preset, args.repeats, counts)
+        rows = bench(preset, args.repeats, counts, args.methods, args.clock)
         print()
         print(format_rows(preset, rows, counts), flush=True)
     return 0
