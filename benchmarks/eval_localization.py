@@ -134,13 +134,7 @@ def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str,
 
 def multi_object_scenes(count: int, size: int) -> list[scenes.Scene]:
     """The first ``count`` held-out scenes with 2 or 3 objects, from ``EVAL_SEEDS[MULTI_START:]``."""
-    found, index = [], MULTI_START
-    while len(found) < count:
-        scene = scenes.make_scene(scenes.scene_seed("eval", index), size=size)
-        if len(scene.objects) >= 2:
-            found.append(scene)
-        index += 1
-    return found
+    return scenes.find_scenes("eval", MULTI_START, count, size, min_objects=2)
 
 
 def pixel_values(loaded: Loaded, batch: list[scenes.Scene]) -> torch.Tensor:

@@ -22,5 +22,12 @@ Explanations: ``rendering`` draws a map from ``model.explain`` over the image (P
 not need). The embedded models: ``scenes`` (seeded procedural scenes with object masks) and ``train_embedded``
 (their training).
 
+Whole datasets (the ``dataset`` extra): ``dataset_explain`` (``clipviz-explain``: maps for every row of a Hugging Face
+dataset into resumable Parquet shards, one process or many under ``accelerate``), ``dataset_eval`` (``clipviz-eval``:
+scoring them per method) and ``metrics`` (one implementation of each localization and faithfulness metric, also used
+by ``benchmarks/eval_localization.py``).
+
 Kept import-free on purpose so that ``import clipviz`` is cheap; import the submodules you need.
 """
+
+__version__ = "0.1.0"

@@ -38,7 +38,8 @@ def cell_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     height, width = mask.shape
     if height % grid_h or width % grid_w:
         raise ValueError(f"mask {height}x{width} does not split into a {grid_h}x{grid_w} grid of equal cells")
-    cells = np.asarray(mask, dtype=np.float64).reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
+    mask = np.asarray(mask, dtype=np.float64)
+    cells = mask.reshape(grid_h, height // grid_h, grid_w, width // grid_w)  # [gh, ch, gw, cw]
     return cells.mean(axis=(1, 3))
 
 
@@ -63,24 +64,25 @@ def energy_in_mask(heat: np.ndarray, coverage: np.ndarray) -> float:
 
 
 def score_scene(
-    maps: np.ndarray, coverages: Sequence[np.ndarray], colors: Sequence[str] | None = None
+    maps: np.ndarray, coverages: Sequence[np.ndarray], colors: Sequence[str] | None = None, tolerance: int = 1
 ) -> dict[str, list[float]]:
     """Metrics of one scene. ``maps[k]``: the map for object k's prompt ``[gh, gw]``; ``coverages[k]``: object k's
     cell coverage; ``colors[k]``: its colour (``same-col`` / ``uniq-col`` are skipped without colours).
 
-    ``point``: strict pointing game; ``point±1``: with a tolerance of one cell; ``energy``: energy in the mask;
+    ``point``: strict pointing game; ``point±1``: with a tolerance of one cell (``point±{tolerance}``); ``energy``: energy in the mask;
     ``wrong``: the argmax cell overlaps another object but not the named one; ``pair``: for objects A != B, the map
     for A puts more mass on A than the map for B does (ties 1/2: a prompt-independent map scores 0.5);
     ``same-col`` / ``uniq-col``: strict pointing on objects whose colour is shared / unique in the scene.
     Returns a list of per-map (or per-pair) values for every metric.
     """
-    out = {metric: [] for metric in SCENE_METRICS}
+    loose = f"point±{tolerance}"
+    out = {loose if metric == "point±1" else metric: [] for metric in SCENE_METRICS}
     energy = np.array([[energy_in_mask(m, cov) for cov in coverages] for m in maps])  # [maps, objects]
     for k, heat in enumerate(maps):
         top = int(np.argmax(heat))
         touches = [cov.flat[top] > 0 for cov in coverages]
         out["point"].append(float(touches[k]))
-        out["point±1"].append(float(pointing_game(heat, coverages[k], tolerance=1)))
+        out[loose].append(float(pointing_game(heat, coverages[k], tolerance)))
         out["energy"].append(float(energy[k, k]))
         out["wrong"].append(float(not touches[k] and any(t for j, t in enumerate(touches) if j != k)))
         if colors is not None:
@@ -95,9 +97,42 @@ def score_scene(
 
 
 def upsample(heat: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of a ``[gh, gw]`` map to ``size`` = (H, W), as float32 (half-pixel centres)."""
-    grid = torch.as_tensor(np.asarray(heat, dtype=np.float32))[None, None]  # [1, 1, gh, gw]
+    """Bilinear upsampling of a ``[gh, gw]`` map to ``size`` = (H, W), as float32 (half-pixel centres); a map
+    already of that size is returned as it is."""
+    values = np.asarray(heat, dtype=np.float32)
+    if values.shape == tuple(size):
+        return values
+    grid = torch.from_numpy(values)[None, None]  # [1, 1, gh, gw]
     return F.interpolate(grid, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def crop_region(height: int, width: int, grid: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(top, left, region_h, region_w): the centred part of an image that a map of ``grid``'s aspect ratio covers
+    after the processor's resize of the short side and centre crop (the whole image for a square one)."""
+    grid_h, grid_w = grid
+    region_w = min(width, round(height * grid_w / grid_h))
+    region_h = min(height, round(region_w * grid_h / grid_w))
+    return (height - region_h) // 2, (width - region_w) // 2, region_h, region_w
+
+
+def place_on_image(heat: np.ndarray, height: int, width: int) -> np.ndarray:
+    """A ``[gh, gw]`` map on its original image ``[height, width]``: bilinear over :func:`crop_region`, 0 elsewhere."""
+    top, left, region_h, region_w = crop_region(height, width, heat.shape)
+    out = np.zeros((height, width), dtype=np.float32)
+    out[top : top + region_h, left : left + region_w] = upsample(heat, (region_h, region_w))
+    return out
+
+
+def mask_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """Fraction of each grid cell covered by an image's mask, over the :func:`crop_region` the map sees:
+    :func:`cell_coverage` when the region splits into equal cells, area resampling otherwise."""
+    mask = np.asarray(mask, dtype=bool)
+    top, left, region_h, region_w = crop_region(*mask.shape, grid)
+    region = mask[top : top + region_h, left : left + region_w]
+    if region_h % grid[0] == 0 and region_w % grid[1] == 0:
+        return cell_coverage(region, grid)
+    pixels = torch.from_numpy(region.astype(np.float32))[None, None]  # [1, 1, h, w]
+    return F.adaptive_avg_pool2d(pixels, grid)[0, 0].double().numpy()
 
 
 def min_max(values: np.ndarray) -> np.ndarray:
@@ -219,27 +254,22 @@ def gaussian_blur(pixel_values: torch.Tensor, kernel: int = 11, sigma: float = 5
     return F.conv2d(x, weights.view(1, 1, kernel, 1).expand(channels, 1, kernel, 1), groups=channels)  # along H
 
 
-def perturbation_curve(
-    score: Callable[[torch.Tensor], torch.Tensor],
+def perturbation_images(
     pixel_values: torch.Tensor,
     heat: np.ndarray | torch.Tensor,
     mode: str = "deletion",
     steps: int = 16,
     baseline: torch.Tensor | None = None,
-) -> np.ndarray:
-    """The model's score as pixels are deleted (or inserted) in the order of the map, most important first.
+) -> torch.Tensor:
+    """The images of a deletion or insertion curve: ``[steps + 1, 3, H, W]``.
 
     Args:
-        score: maps a batch of images ``[K, 3, H, W]`` to one score each ``[K]`` (e.g. the prompt's logit).
         pixel_values: the processed image ``[3, H, W]``.
         heat: its map ``[gh, gw]``, upsampled bilinearly to ``H x W`` to rank the pixels (ties: row-major order).
-        mode: ``"deletion"`` (start from the image, replace pixels by the baseline; default baseline: zeros, i.e.
-            the processor's mean colour) or ``"insertion"`` (start from the baseline, put pixels back; default
-            baseline: the image blurred as in RISE).
-        steps: the curve has ``steps + 1`` points, at 0, 1/steps, ..., 1 of the pixels changed.
-
-    Returns:
-        ``[steps + 1]`` scores; all images of the curve go through ``score`` in one batch.
+        mode: ``"deletion"`` (start from the image, replace pixels by the baseline, most important first; default
+            baseline: zeros, i.e. the processor's mean colour) or ``"insertion"`` (start from the baseline, put the
+            most important pixels back first; default baseline: the image blurred as in RISE).
+        steps: image ``k`` has ``k / steps`` of the pixels changed.
     """
     if mode not in ("deletion", "insertion"):
         raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
@@ -255,7 +285,20 @@ def perturbation_curve(
     changed = (rank[None, :] < counts[:, None]).view(steps + 1, 1, height, width)  # [K, 1, H, W]
     changed = changed.to(pixel_values.device)
     start, end = (pixel_values, baseline) if mode == "deletion" else (baseline, pixel_values)
-    images = torch.where(changed, end[None], start[None])  # [K, 3, H, W]
+    return torch.where(changed, end[None], start[None])  # [K, 3, H, W]
+
+
+def perturbation_curve(
+    score: Callable[[torch.Tensor], torch.Tensor],
+    pixel_values: torch.Tensor,
+    heat: np.ndarray | torch.Tensor,
+    mode: str = "deletion",
+    steps: int = 16,
+    baseline: torch.Tensor | None = None,
+) -> np.ndarray:
+    """The model's score along a deletion or insertion curve (:func:`perturbation_images`): ``[steps + 1]``.
+    ``score`` maps a batch of images ``[K, 3, H, W]`` to one score each ``[K]`` (e.g. the prompt's logit)."""
+    images = perturbation_images(pixel_values, heat, mode, steps, baseline)
     return score(images).detach().float().cpu().numpy()
 
 

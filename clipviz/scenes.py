@@ -275,3 +275,72 @@ def to_pixel_values(images: list[np.ndarray], mean, std, size: int | None = None
     mean_t = torch.tensor(mean, dtype=batch.dtype).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=batch.dtype).view(1, 3, 1, 1)
     return (batch - mean_t) / std_t
+
+
+def find_scenes(split: str, start: int, count: int, size: int = DEFAULT_SIZE, min_objects: int = 1) -> list[Scene]:
+    """The first ``count`` scenes of a split from index ``start`` on that have at least ``min_objects`` objects."""
+    found, index = [], start
+    while len(found) < count:
+        scene = make_scene(scene_seed(split, index), size=size)
+        if len(scene.objects) >= min_objects:
+            found.append(scene)
+        index += 1
+    return found
+
+
+def point_labels(scene: Scene, per_object: int = 8) -> list[list[dict]]:
+    """Seeded point labels for each object, as in OpenImagesV7: ``per_object`` points inside its mask
+    (``positive``) and as many outside it (anywhere else, other objects included), each ``{"y", "x", "positive"}``
+    at a pixel centre."""
+    rng = np.random.default_rng(np.random.SeedSequence(scene.seed).spawn(4)[3])
+    labels = []
+    for obj in scene.objects:
+        points = []
+        for positive, where in ((True, obj.mask), (False, ~obj.mask)):
+            rows, cols = np.nonzero(where)
+            picked = rng.choice(rows.size, size=min(per_object, rows.size), replace=False)
+            points += [{"y": float(rows[i]) + 0.5, "x": float(cols[i]) + 0.5, "positive": positive} for i in picked]
+        labels.append(points)
+    return labels
+
+
+def scene_dataset(
+    split: str = "eval",
+    start: int = 0,
+    count: int = 100,
+    size: int = DEFAULT_SIZE,
+    min_objects: int = 1,
+    points_per_object: int = 8,
+):
+    """Scenes as a Hugging Face ``datasets.Dataset`` (needs the ``dataset`` extra), one row per scene:
+
+    ``seed``, ``image`` (an image column), ``captions`` / ``colors`` / ``shapes`` (one per object), ``masks`` (one
+    mask image per object, 255 inside), ``points`` (per object: :func:`point_labels`). The scenes are those of
+    :func:`find_scenes`, so ``scene_dataset("eval", 50_000, n, min_objects=2)`` holds the multi-object scenes of
+    ``benchmarks/eval_localization.py``. Save it with ``.save_to_disk(path)`` for ``clipviz-explain``.
+    """
+    import datasets
+    from PIL import Image
+
+    point = {"y": datasets.Value("float32"), "x": datasets.Value("float32"), "positive": datasets.Value("bool")}
+    features = datasets.Features(
+        {
+            "seed": datasets.Value("int64"),
+            "image": datasets.Image(),
+            "captions": datasets.List(datasets.Value("string")),
+            "colors": datasets.List(datasets.Value("string")),
+            "shapes": datasets.List(datasets.Value("string")),
+            "masks": datasets.List(datasets.Image()),
+            "points": datasets.List(datasets.List(point)),
+        }
+    )
+    rows = {name: [] for name in features}
+    for scene in find_scenes(split, start, count, size, min_objects):
+        rows["seed"].append(scene.seed)
+        rows["image"].append(Image.fromarray(scene.image))
+        rows["captions"].append(scene.captions)
+        rows["colors"].append([obj.color for obj in scene.objects])
+        rows["shapes"].append([obj.shape for obj in scene.objects])
+        rows["masks"].append([Image.fromarray(obj.mask.astype(np.uint8) * 255) for obj in scene.objects])
+        rows["points"].append(point_labels(scene, points_per_object))
+    return datasets.Dataset.from_dict(rows, features=features)
