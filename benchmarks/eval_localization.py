@@ -4,8 +4,8 @@ Why: a heat map that looks plausible proves nothing. The scenes of :mod:`clipviz
 mask, so for "a photo of a red circle" in a scene with a red circle, a green star and a red square, we can check
 where each method's map peaks; and removing the cells a map ranks first should cost the prompt's logit most.
 Scenes come from ``EVAL_SEEDS``, a seed range training never draws from. Every method the model's explanation
-registry offers for its backbone is run (with its default options; ``--sweep`` adds every first layer of the
-methods that take one), so a new method appears here without touching this script.
+registry offers for its backbone is run (with its default options; ``--sweep`` adds every combination of first
+layer and target of the methods that take them), so a new method appears here without touching this script.
 
 Metrics (multi-object scenes: one map per object, prompted with that object's caption; implemented once, in
 :mod:`clipviz.metrics`):
@@ -37,6 +37,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -57,7 +58,9 @@ RANDOM = "random map"
 LOCALIZATION = metrics.SCENE_METRICS
 FAITHFULNESS = ("del↓", "ins↑")
 METRICS = LOCALIZATION + FAITHFULNESS
-SWEPT_OPTIONS = ("start_layer",)  # options whose every value --sweep tries: the first image layer a method uses
+# options whose every combination --sweep tries: the first image layer a method uses, and its target (the prompt's
+# logit, or the logit contrasted with the other prompts of the scene)
+SWEPT_OPTIONS = ("start_layer", "target")
 
 
 @dataclass
@@ -114,19 +117,34 @@ def registry_methods(loaded: Loaded) -> dict[str, object]:
 
 def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
     """Rows to measure: label -> (method, options). The model's default (``config.explain_method`` with its
-    options), every registry method with its defaults and, with ``sweep``, every layer of the image-layer options
-    named in ``SWEPT_OPTIONS`` (0 .. layers - 1) other than the option's default."""
+    options), every registry method with its defaults and, with ``sweep``, every combination of the values of the
+    options named in ``SWEPT_OPTIONS`` (image layers 0 .. layers - 1, a choice's every choice), each labelled with
+    the options that differ from the method's defaults."""
     config = loaded.model.config
     default = dict(config.explain_options)
     variants = {label(config.explain_method, default): (config.explain_method, default)}
     for name, method in registry_methods(loaded).items():
         variants.setdefault(label(name, {}), (name, {}))
-        for option in method.options if sweep else ():
-            if option.name in SWEPT_OPTIONS and option.kind == "image_layer" and loaded.backbone in option.backbones:
-                for value in range(loaded.image_layers):
-                    if value != option.default % loaded.image_layers:
-                        variants.setdefault(label(name, {option.name: value}), (name, {option.name: value}))
+        swept = [option for option in method.options if sweep and option.name in SWEPT_OPTIONS]
+        swept = [option for option in swept if loaded.backbone in option.backbones]
+        for values in itertools.product(*(swept_values(loaded, option) for option in swept)):
+            options = {
+                option.name: value
+                for option, value in zip(swept, values, strict=True)
+                if value != swept_values(loaded, option, default=True)
+            }
+            variants.setdefault(label(name, options), (name, options))
     return variants
+
+
+def swept_values(loaded: Loaded, option, default: bool = False):
+    """Every value ``--sweep`` tries for ``option`` (an image layer or a choice), or with ``default`` its default
+    in the same form (a layer index made non-negative)."""
+    if option.kind == "image_layer":
+        return option.default % loaded.image_layers if default else range(loaded.image_layers)
+    if option.kind == "choice":
+        return option.default if default else option.choices
+    raise ValueError(f"--sweep cannot sweep option {option.name!r} of kind {option.kind!r}")
 
 
 # ---- scenes and inputs ----
@@ -322,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faithfulness", type=int, default=100, help="of those, scenes for deletion/insertion")
     parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps per curve")
     parser.add_argument("--single", type=int, default=500, help="held-out single-object scenes for zero-shot top-1")
-    parser.add_argument("--sweep", action="store_true", help="also every first layer of methods that take one")
+    parser.add_argument(
+        "--sweep", action="store_true", help="also every first layer x target of the methods that take them"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seeds the random map and the order of tied cells")
     parser.add_argument("--figure", type=Path, help="also save a PNG of maps here, e.g. docs/maps.png")
     parser.add_argument("--json", type=Path, help="also save every number here")

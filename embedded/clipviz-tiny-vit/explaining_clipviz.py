@@ -398,6 +398,26 @@ def _one_hot_cotangents(num_images: int, num_texts: int, per: str, like: torch.T
     return eye[:, :, None].expand(num_images, num_images, num_texts)  # [I, I, T]
 
 
+def _image_cotangents(logits: torch.Tensor, target: str) -> torch.Tensor:
+    """Cotangents `[T, I, T]` for the image tower's backward, one per prompt k, on a per-pair score `[I, T]`.
+
+    `logits` `[I, T]`: the model's logits of the call. `target="logit"`: entry k picks column k (see
+    `_one_hot_cotangents`). `target="contrast"`: entry k is `e_k - softmax_{j != k}(logits[i, j])` on row i, the
+    gradient of the contrastive target `y_ik - logsumexp_{j != k} y_ij` ("why this prompt rather than the others
+    given", after Gu, Yang & Tresp 2018): a method whose score is the logit explains that target exactly, one with
+    another score (Grad-CAM's, LeGrad's per-layer ones) its score minus the other prompts' scores weighted by that
+    softmax. The contrast depends on the other prompts of the call; with one prompt there is nothing to contrast
+    and it is the logit's.
+    """
+    num_images, num_texts = logits.shape
+    cotangents = _one_hot_cotangents(num_images, num_texts, "text", logits)  # [T, I, T]
+    if target == "logit" or num_texts == 1:
+        return cotangents
+    eye = torch.eye(num_texts, dtype=torch.bool, device=logits.device)
+    others = logits.detach().float()[None].masked_fill(eye[:, None, :], float("-inf"))  # [T, I, T]: k left out
+    return cotangents - others.softmax(dim=-1).to(logits.dtype)
+
+
 def _chefer_relevance(attentions: list[torch.Tensor], grads: list[torch.Tensor]) -> torch.Tensor:
     """Chefer et al. 2021: `R <- R + mean_h ReLU(dy/dA * A) @ R`, from the identity, over the given layers.
 
@@ -477,10 +497,10 @@ def relevance_maps(model, inputs: ExplainInputs, options: dict):
     encode(model, inputs, image_attentions=not shortcut, image_graph=not shortcut, text_graph=True)
     logits = inputs.logits
     if shortcut:
-        image = _last_layer_relevance(model, inputs)  # [T, I, gh*gw]
+        image = _last_layer_relevance(model, inputs, options["target"])  # [T, I, gh*gw]
     else:
         image_weights = list(inputs.vision.attentions[options.get("start_layer", 0) :])  # ResNet: the pool
-        cotangents = _one_hot_cotangents(*logits.shape, "text", logits)
+        cotangents = _image_cotangents(logits, options["target"])  # [T, I, T]
         grads = _batched_grads(logits, image_weights, cotangents)  # each [T, I, heads, q, k]
         if vision_config.backbone == "resnet":
             cam = (grads[0].float() * image_weights[0].detach().float()[None]).clamp(min=0).mean(dim=2)
@@ -501,7 +521,7 @@ def _text_relevance(inputs: ExplainInputs, start_layer: int) -> torch.Tensor:
     return _eot_rows(relevance - eye, inputs.input_ids)  # [I, T, L]
 
 
-def _last_layer_relevance(model, inputs: ExplainInputs) -> torch.Tensor:
+def _last_layer_relevance(model, inputs: ExplainInputs, target: str) -> torch.Tensor:
     """Chefer's image relevance over the last ViT layer alone: there `R = I + cam`, so the map is the class
     token's row of `mean_h ReLU(dy/dA * A)`, and only that row of `A` reaches the logit.
 
@@ -518,8 +538,7 @@ def _last_layer_relevance(model, inputs: ExplainInputs) -> torch.Tensor:
         features = vision.project(pooled)  # [I, P]
         unit = features / features.norm(dim=-1, keepdim=True)
         logits = model.logit_scale.exp().to(unit.dtype) * unit @ inputs.text_unit.detach().t()  # [I, T]
-        cotangents = _one_hot_cotangents(logits.shape[0], logits.shape[1], "text", logits)
-        (grad,) = _batched_grads(logits, [weights], cotangents)  # [T, I, heads, 1, N]
+        (grad,) = _batched_grads(logits, [weights], _image_cotangents(logits, target))  # [T, I, heads, 1, N]
     cam = (grad.float() * weights.detach().float()[None]).clamp(min=0).mean(dim=2)  # [T, I, 1, N]
     return cam[:, :, 0, 1:]
 
@@ -530,7 +549,7 @@ def gradcam_maps(model, inputs: ExplainInputs, options: dict):
     image_features, text_features = inputs.image_features, inputs.text_features
     num_images, num_texts = image_features.shape[0], text_features.shape[0]
     image_target = image_features @ inputs.text_unit.detach().t()  # [I, T]
-    per_text = _one_hot_cotangents(num_images, num_texts, "text", image_target)
+    per_text = _image_cotangents(inputs.logits, options["target"]).to(image_target.dtype)  # [T, I, T]
     if model.config.vision_config.backbone == "resnet":
         features = inputs.vision.last_hidden_state  # [I, C, h, w]: the last stage
         (grad,) = _batched_grads(image_target, [features], per_text)  # [T, I, C, h, w]
@@ -728,10 +747,11 @@ def legrad_maps(model, inputs: ExplainInputs, options: dict):
         _kept_projections(text_model.encoder.layers, text_start) as text_kept,
     ):
         encode(model, inputs, image_attentions=False, text_attentions=False, text_hidden_states=True)
-    return _legrad_image(model, inputs, start, kept), _legrad_text(model, inputs, text_start, text_kept)
+    image = _legrad_image(model, inputs, start, kept, options["target"])
+    return image, _legrad_text(model, inputs, text_start, text_kept)
 
 
-def _legrad_image(model, inputs: ExplainInputs, start: int, kept: list) -> torch.Tensor:
+def _legrad_image(model, inputs: ExplainInputs, start: int, kept: list, target: str) -> torch.Tensor:
     """LeGrad's image maps `[I, T, gh, gw]`, min-max scaled, from the image blocks' kept projections."""
     vision = model.vision_model
     scores, weights = 0, []
@@ -739,7 +759,8 @@ def _legrad_image(model, inputs: ExplainInputs, start: int, kept: list) -> torch
         out, layer_weights = _legrad_block(block, inputs.vision.hidden_states[index], qkv)
         scores = scores + _unit(vision.project(vision.ln_post(out.mean(dim=1)))) @ inputs.text_unit.t()  # [I, T]
         weights.append(layer_weights)
-    grads = _batched_grads(scores, weights, _one_hot_cotangents(*scores.shape, "text", scores))  # [T, I, h, N, N]
+    cotangents = _image_cotangents(inputs.logits, target).to(scores.dtype)  # [T, I, T]
+    grads = _batched_grads(scores, weights, cotangents)  # each [T, I, heads, N, N]
     image = sum(grad.float().clamp(min=0).mean(dim=(2, 3)) for grad in grads)[..., 1:]  # [T, I, gh*gw]
     return _to_grid(_min_max(image.transpose(0, 1), dims=(-1,)), inputs)  # [I, T, gh, gw]
 
@@ -772,6 +793,13 @@ def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor
 
 
 HEAD_CHOICES = ("mean", "max")
+TARGET_OPTION = ExplainOption(
+    "target",
+    "choice",
+    "logit",
+    "image side: the prompt's own score, or contrast = it minus the other given prompts' (softmax-weighted)",
+    ("logit", "contrast"),
+)
 
 register(
     ExplainMethod(
@@ -847,6 +875,7 @@ register(
                 backbones=("vit",),
             ),
             ExplainOption("start_layer_text", "text_layer", -1, "first text layer accumulated"),
+            TARGET_OPTION,
         ),
         prompt_dependent=True,
         cost="one backward",
@@ -871,7 +900,7 @@ register(
         title="Grad-CAM",
         function=gradcam_maps,
         backbones=("vit", "resnet"),
-        options=(),
+        options=(TARGET_OPTION,),
         prompt_dependent=True,
         cost="one backward",
         needs_grad=True,
@@ -902,6 +931,7 @@ register(
                 "first image layer whose attention gradient is summed (-2: the last two, as the authors' wrapper)",
             ),
             ExplainOption("start_layer_text", "text_layer", -2, "first text layer whose attention gradient is summed"),
+            TARGET_OPTION,
         ),
         prompt_dependent=True,
         cost="one backward",
@@ -1080,6 +1110,13 @@ class CLIPVizExplainMixin:
                   on small models, but one image-tower backward per prompt) and `start_layer_text` (default -1).
                   ResNet: the attention pool's gradient-weighted attention `mean_h ReLU(dy/dA * A)` of the mean
                   token over the grid.
+                  `target` (relevance, gradcam, legrad): `"logit"` (default) explains each prompt's own score;
+                  `"contrast"` explains `y_k - logsumexp_{j != k} y_j` over the prompts of the call ("why this
+                  prompt rather than the others", Gu et al. 2018): with a method whose score is not the logit, its
+                  score minus the others' weighted by the softmax of the logits without k. The image map then
+                  depends on which other prompts are given (the same prompt set gives the same maps batched or one
+                  image at a time); with one prompt it is the logit's map. The text maps do not change (the other
+                  prompts' logits do not depend on this prompt's tokens).
                 - `"gradcam"`: Grad-CAM with `y` = image embedding . unit text embedding, on the last ResNet stage
                   (channel weights = mean gradient over the grid) or on the tokens entering the last ViT block
                   (token features weighted by their mean gradient); the text side likewise on the tokens entering
