@@ -318,7 +318,7 @@ def test_discard_never_drops_class_to_class_and_is_per_sample():
         ("vit", "saliency", {}, "valid methods: attention, rollout, relevance, gradcam"),
         ("resnet", "rollout", {}, "valid methods: attention, relevance, gradcam"),
         ("resnet", "relevance", {"start_layer": 0}, "valid options: start_layer_text"),
-        ("vit", "gradcam", {"layer": 0}, "valid options: none"),
+        ("vit", "gradcam", {"layer": 0}, "valid options: target"),
         ("vit", "attention", {"layer": 2}, "valid values: -2 .. 1"),
         ("resnet", "attention", {"layer": 1}, "valid values: -1 .. 0"),
         ("vit", "attention", {"head": 2}, "valid values: 0, 1, 'mean', 'max'"),

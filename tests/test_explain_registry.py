@@ -47,10 +47,10 @@ def test_resolve_fills_defaults_and_makes_layers_non_negative():
     assert resolve_options("attention", {}, vit) == {"layer": 1, "head": "mean", "text_layer": 1, "text_head": "mean"}
     assert resolve_options("attention", {"head": 3, "layer": -2}, vit)["text_head"] == 3  # follows `head`
     assert resolve_options("attention", {"layer": -1}, resnet)["layer"] == 0  # the one attention pool
-    assert resolve_options("relevance", {}, vit) == {"start_layer": 1, "start_layer_text": 1}
-    assert resolve_options("relevance", {}, resnet) == {"start_layer_text": 1}
+    assert resolve_options("relevance", {}, vit) == {"start_layer": 1, "start_layer_text": 1, "target": "logit"}
+    assert resolve_options("relevance", {}, resnet) == {"start_layer_text": 1, "target": "logit"}
     assert resolve_options("rollout", {"discard_ratio": 0}, vit) == {"head_fusion": "mean", "discard_ratio": 0.0}
-    assert resolve_options("gradcam", {}, resnet) == {}
+    assert resolve_options("gradcam", {}, resnet) == {"target": "logit"}
 
 
 @pytest.mark.parametrize(

@@ -487,10 +487,12 @@ def test_field_views_follow_the_model_and_the_method(loaded):
     assert attention["text_head"][1] == "same" and attention["text_head"][0][:3] == ("same", "mean", "max")
     assert set(attention) == {"layer", "head", "text_layer", "text_head"}
     assert shown("vit", "rollout") == {"head_fusion": (("mean", "max", "min"), "mean"), "discard_ratio": ((), 0.0)}
-    assert set(shown("vit", "relevance")) == {"start_layer", "start_layer_text"}
-    assert set(shown("resnet", "relevance")) == {"start_layer_text"}  # no image start layer on a ResNet
+    assert set(shown("vit", "relevance")) == {"start_layer", "start_layer_text", "target"}
+    assert set(shown("resnet", "relevance")) == {"start_layer_text", "target"}  # no image start layer on a ResNet
     assert shown("resnet", "attention")["layer"] == (("last", "1"), "last")
-    assert shown("vit", "default") == {} and shown("vit", "gradcam") == {}
+    target = (("logit", "contrast"), "logit")  # one control shared by the methods that take it
+    assert shown("vit", "default") == {} and shown("vit", "gradcam") == {"target": target}
+    assert shown("vit", "legrad")["target"] == target
 
 
 def test_a_method_added_to_the_registry_appears_with_its_controls_and_runs(loaded):
