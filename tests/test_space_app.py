@@ -19,14 +19,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "space"
-sys.path.insert(0, str(SPACE))
-
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
 
 EXAMPLES = SPACE / "examples"
 SCENE = EXAMPLES / "scene_1000000001.png"  # a purple square, a white triangle and a blue circle
@@ -99,7 +97,7 @@ def model_env() -> dict:
     names = {"clipviz-tiny-vit": "vit", "clipviz-tiny-resnet": "resnet"}
     if all((ROOT / "embedded" / name / "config.json").is_file() for name in names):
         return {}
-    from tests.test_space_explainer import save_tiny_model
+    from tests.helpers import save_tiny_model
 
     folder = Path(tempfile.mkdtemp(prefix="clipviz-space-models-"))
     atexit.register(shutil.rmtree, folder, True)

@@ -157,7 +157,9 @@ def test_saved_settings_still_parse_and_their_command_reproduces_them(name):
 def test_embedded_code_files_are_relative_links_to_the_repository_files(name):
     for code in CODE_FILES:
         link = EMBEDDED / name / code
-        assert link.is_symlink(), f"{link} is a copy: run `python -m clipviz.train_embedded --refresh-code {link.parent}`"
+        assert link.is_symlink(), (
+            f"{link} is a copy: run `python -m clipviz.train_embedded --refresh-code {link.parent}`"
+        )
         assert os.readlink(link) == f"../../{code}"  # relative: it resolves in every clone
         assert link.resolve() == (ROOT / code).resolve()
 
