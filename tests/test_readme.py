@@ -1,5 +1,5 @@
 """The README's Python snippets run as written, from the repository root, offline, and print what the README says
-they print (the ```text block right after each snippet)."""
+they print (the ```text block right after each snippet); every Markdown table renders (same cell count per row)."""
 
 import math
 import os
@@ -53,3 +53,30 @@ def test_snippet_prints_what_the_readme_shows(index, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert printed_matches(result.stdout, expected) is None, printed_matches(result.stdout, expected)
+
+
+def table_cell_counts(markdown: str) -> list[tuple[int, list[int]]]:
+    """(first line number, cells per row) for each table outside code fences; ``\\|`` is not a cell border."""
+    tables, fenced, current = [], False, None
+    for number, line in enumerate(markdown.splitlines(), start=1):
+        fenced ^= line.startswith("```")
+        if not fenced and line.startswith("|"):
+            if current is None:
+                current = (number, [])
+                tables.append(current)
+            current[1].append(len(re.split(r"(?<!\\)\|", line.strip().strip("|"))))
+        else:
+            current = None
+    return tables
+
+
+def test_table_check_sees_a_separator_with_one_cell_too_many():
+    assert table_cell_counts("| a | b |\n|---|---|---|\n| 1 | 2 |\n") == [(1, [2, 3, 2])]
+
+
+@pytest.mark.parametrize("path", ["README.md", "space/README.md"])
+def test_every_table_has_as_many_cells_in_each_row_as_in_its_header(path):
+    tables = table_cell_counts((ROOT / path).read_text())
+    assert tables, f"{path} has tables"
+    broken = [(line, counts) for line, counts in tables if len(set(counts)) != 1]
+    assert not broken, f"{path}: tables whose rows differ in cell count (line, counts): {broken}"
