@@ -22,8 +22,8 @@ from transformers import AutoProcessor, AutoTokenizer, CLIPProcessor, CLIPTokeni
 import tokenization_clipviz
 from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
 from clipviz.tokenizer_files import TOKENIZER_AUTO_MAP, remote_code_path, write_tokenizer_files
+from tests.helpers import DIFFERENT, EOT, SAME, SOT, openai_ids, openai_tokenize
 from tests.openai_reference import openai_tokenizer_module
-from tests.test_tokenizer_files import DIFFERENT, EOT, SAME, SOT, openai_ids, openai_tokenize
 
 # Beyond the corpus: inputs where OpenAI's case-insensitive split or its missing NFC matter, and clean-up that
 # is not idempotent (cleaning twice would turn "&amp;amp;" into "&").
@@ -43,11 +43,6 @@ FRAGMENTS = [
     "cafÃ©", "â€™", "’", "“", "\u0345", "\u0301", "e", "\u200b", "\ufeff", "\x1b[0m", "\x85", "\x1c", " ", "\t",
     "\n", "\u3000", ".", "!!", "<|endoftext|>", "<|startoftext|>", "<|", "|>", "1", "½", "🐱", "👍🏽", "İ", "ẞ",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def simple_tokenizer():
-    return openai_tokenizer_module().SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")
