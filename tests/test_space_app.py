@@ -380,6 +380,29 @@ def raw_explain(server: SpaceServer, image_payload: dict, prompts: str) -> dict:
 # ---- load ----
 
 
+def at_once(work, count: int) -> list:
+    """``work(0)`` ... ``work(count - 1)`` in threads released together; their results. An exception in any of them
+    fails the test (collected: a lost request or broken download must not vanish in a thread)."""
+    results: list = [None] * count
+    errors: list = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = work(index)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and all(result is not None for result in results), errors
+    return results
+
+
 def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
     colours = ["red", "green", "blue", "yellow", "purple", "white", "red", "blue"]
     requests = [
@@ -387,21 +410,7 @@ def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
     ]
     reference_client = Client(server.url, verbose=False)
     expected = [explain(reference_client, SCENE, prompts)[1] for prompts in requests]  # one at a time
-    results: list = [None] * len(requests)
-    errors: list = []
-
-    def run(index: int) -> None:
-        try:
-            results[index] = explain(Client(server.url, verbose=False), SCENE, requests[index])
-        except Exception as error:  # collected: a lost request must fail the test, not vanish in a thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == [] and all(result is not None for result in results)
+    results = at_once(lambda i: explain(Client(server.url, verbose=False), SCENE, requests[i]), len(requests))
     for prompts, result, reference in zip(requests, results, expected, strict=True):
         overlays, probabilities = result[0], result[1]
         assert [item["caption"].split(" · ")[0] for item in overlays] == prompts
@@ -415,25 +424,12 @@ def test_identical_requests_at_once_all_get_their_files(server):
     (Gradio rewrites a returned PIL image's cache file in place, so the Space returns files it wrote itself)."""
     prompts = ["a photo of a purple square", "a photo of a blue circle", "a photo of a white triangle"]
     sessions = [Client(server.url, verbose=False) for _ in range(8)]
-    results: list = [None] * len(sessions)
-    errors: list = []
-    barrier = threading.Barrier(len(sessions))
 
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            for _ in range(2):
-                results[index] = explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
-        except Exception as error:  # collected: a broken download must fail the test
-            errors.append(error)
+    def twice(index: int):
+        explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
+        return explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == []
-    for overlays, _, _, heads, _ in results:
+    for overlays, _, _, heads, _ in at_once(twice, len(sessions)):
         for item in overlays + heads:
             with Image.open(item["image"]) as picture:
                 picture.load()  # complete, decodable files
