@@ -160,7 +160,7 @@ def test_the_assembled_space_runs_on_its_own(tmp_path):
     PYTHONPATH, no ../embedded), it lists its shipped models and explains a scene with them."""
     from gradio_client import Client, handle_file
 
-    from tests.test_space_app import SpaceServer
+    from tests.space_server import SpaceServer
 
     out = tmp_path / "deployed"
     assemble(out)
