@@ -27,8 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -450,7 +450,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainSettings | None, Pat
         type=Path,
         nargs="+",
         metavar="DIR",
-        help="only copy the repository's current modeling/configuration files into these saved model folders",
+        help="only link these saved model folders' remote-code files to the repository's current ones (relative "
+        "symlinks) and rewrite their tokenizer files and model card",
     )
     args = parser.parse_args(argv)
     if args.refresh_code:
@@ -497,28 +498,41 @@ def load_tokenizer(output_dir: Path):
     return CLIPTokenizer.from_pretrained(output_dir)
 
 
-CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py", "explaining_clipviz.py")
+CODE_FILES = ("modeling_clipviz.py", "configuration_clipviz.py", "explaining_clipviz.py", "tokenization_clipviz.py")
+
+
+def link_code(folder: Path) -> None:
+    """Make each of the model folder's remote-code files a relative symlink to the repository's own file
+    (``../../modeling_clipviz.py`` for ``embedded/<name>/``), replacing a copy or a broken link: git stores the
+    links, ``from_pretrained(folder, trust_remote_code=True)`` follows them, and the code cannot go stale."""
+    root = Path(__file__).resolve().parent.parent
+    for name in CODE_FILES:
+        link = folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(Path(os.path.relpath(root / name, folder.resolve())))
 
 
 def refresh_code(folders: list[Path]) -> None:
-    """Copy the current remote-code files into saved model folders and rewrite their tokenizer files and model
-    card (after a change to that code, so that `trust_remote_code` users of the embedded models get it); weights
-    and configs stay as they are."""
+    """Point saved model folders' remote-code files at the repository's current files (symlinks, see
+    ``link_code``) and rewrite their tokenizer files and model card (after a change to that code, so that
+    `trust_remote_code` users of the embedded models get it); weights and configs stay as they are."""
     from clipviz.tokenizer_files import write_tokenizer_files
 
-    root = Path(__file__).resolve().parent.parent
     for folder in folders:
         if not (folder / "config.json").is_file():
             raise SystemExit(f"{folder} is not a saved model folder (no config.json)")
-        for name in CODE_FILES:
-            shutil.copyfile(root / name, folder / name)
+        tokenizer_code = folder / "tokenization_clipviz.py"
+        if tokenizer_code.is_symlink():  # the tokenizer writer copies this file: never through the link onto itself
+            tokenizer_code.unlink()
         write_tokenizer_files(folder, context_length=CONTEXT_LENGTH)
+        link_code(folder)
         record = json.loads((folder / "training_args.json").read_text())
         settings = TrainSettings(**record["settings"])
         (folder / "README.md").write_text(
             model_card(build_model(settings.backbone, settings.vision_config), settings, record["summary"])
         )
-        print(f"refreshed {', '.join(CODE_FILES)}, the tokenizer files and README.md in {folder}")
+        print(f"linked {', '.join(CODE_FILES)} and refreshed the tokenizer files and README.md in {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,75 +1,18 @@
-"""Shared fixtures: tiny configurations (hidden <= 64, <= 2 layers) and inputs in OpenAI's token layout."""
+"""Shared fixtures only; the helpers and tiny configurations they use live in ``tests/helpers.py`` (import from
+there, never from this file: pytest loads conftest itself)."""
 
 import pytest
-import torch
 
-from configuration_clipviz import CLIPVizConfig
-from modeling_clipviz import CLIPVizModel
-
-TINY_VOCAB = 1000  # ids 998 / 999 play <|startoftext|> / <|endoftext|>
-TINY_TEXT = {
-    "vocab_size": TINY_VOCAB,
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "bos_token_id": TINY_VOCAB - 2,
-    "eos_token_id": TINY_VOCAB - 1,
-}
-TINY_VISION = {
-    "vit": {
-        "backbone": "vit",
-        "image_size": 32,
-        "patch_size": 8,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-    },
-    "resnet": {
-        "backbone": "resnet",
-        "image_size": 64,
-        "resnet_layers": [1, 1, 2, 1],
-        "resnet_width": 2,
-        "num_attention_heads": 4,
-    },
-}
-BACKBONES = tuple(TINY_VISION)
-
-
-def tiny_config(backbone: str, **overrides) -> CLIPVizConfig:
-    return CLIPVizConfig(
-        text_config=dict(TINY_TEXT), vision_config=dict(TINY_VISION[backbone]), projection_dim=32, **overrides
-    )
-
-
-def tiny_model(backbone: str, attn_implementation: str | None = None, seed: int = 0) -> CLIPVizModel:
-    torch.manual_seed(seed)
-    config = tiny_config(backbone)
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    model = CLIPVizModel(config).eval()
-    with torch.no_grad():  # OpenAI's init zeroes biases and each block's last BatchNorm: make every path count
-        for name, parameter in model.named_parameters():
-            if parameter.ndim == 1 and "class_embedding" not in name:
-                parameter.add_(torch.randn_like(parameter), alpha=0.1)
-    return model
-
-
-def token_ids(num_texts: int, length: int = 77, vocab: int = TINY_VOCAB, seed: int = 1) -> torch.Tensor:
-    """Texts as OpenAI tokenizes them: <sot>, words, <eot>, zero padding; lengths vary per row."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(num_texts, length, dtype=torch.long)
-    for row in range(num_texts):
-        words = 3 + (5 * row) % (length - 5)
-        ids[row, 0] = vocab - 2
-        ids[row, 1 : words + 1] = torch.randint(1, vocab - 2, (words,), generator=generator)
-        ids[row, words + 1] = vocab - 1
-    return ids
-
-
-def pixels(num_images: int, size: int, seed: int = 2) -> torch.Tensor:
-    return torch.randn(num_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+from tests.helpers import BACKBONES
+from tests.openai_reference import openai_tokenizer_module
 
 
 @pytest.fixture(params=BACKBONES)
 def backbone(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def simple_tokenizer():
+    """OpenAI's own ``SimpleTokenizer`` (clip/simple_tokenizer.py), the tokenizers' oracle."""
+    return openai_tokenizer_module().SimpleTokenizer()

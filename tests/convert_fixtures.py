@@ -12,7 +12,7 @@ import torch
 
 from clipviz.openai_clip import openai_model_module
 from configuration_clipviz import CLIPVizConfig
-from tests.conftest import pixels, tiny_config, token_ids
+from tests.helpers import pixels, tiny_config, token_ids
 from tests.openai_reference import randomized_openai_clip
 
 OPENAI_VOCAB = 49408

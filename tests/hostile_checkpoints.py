@@ -15,6 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CLASS = "__torch__.m.Block"
+
+
+class Payload:
+    """A malicious pickle object: unpickling it runs code that creates the ``canary`` file (the tests assert the
+    file never appears)."""
+
+    def __init__(self, canary: Path):
+        self.canary = canary
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.canary)!r}, 'w').close()",)
+
+
 CODE = "class Block(Module):\n  __parameters__ = [{names}]\n  __buffers__ = []\n  training : bool\n"
 
 

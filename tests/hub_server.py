@@ -5,8 +5,10 @@ speaks just enough of the Hub's HTTP API for `huggingface_hub` (2.4, classic non
 to create repos, push commits (regular and git-LFS files), branch, open pull requests and download, against
 `http://127.0.0.1:<port>`. It is stdlib only and keeps everything in memory.
 
-Use it as a context manager or through the `hub_server` pytest fixture: import `hub_server_fixture` into a test
-module (the import registers it), or list "tests.hub_server" in a conftest's `pytest_plugins`.
+Use it as a context manager or through the `hub_server` pytest fixture (`hub`: the same with this process's
+huggingface_hub clients pointed at it; `api`: an `HfApi` client of it): import `hub_server_fixture` (`hub_fixture`,
+`hub_api_fixture`) into a test module (the import registers it), or list "tests.hub_server" in a conftest's
+`pytest_plugins`.
 
     with HubServer() as server:
         api = HfApi(endpoint=server.url, token=server.token)
@@ -866,3 +868,26 @@ def hub_server_fixture() -> Iterator[HubServer]:
     """A fresh, running HubServer per test."""
     with HubServer() as server:
         yield server
+
+
+@pytest.fixture(name="hub")
+def hub_fixture(hub_server: HubServer, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """``hub_server`` with this process's huggingface_hub clients pointed at it (endpoint, download URLs, token,
+    no Xet) for the test's duration."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+    monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    return hub_server
+
+
+@pytest.fixture(name="api")
+def hub_api_fixture(hub: HubServer):
+    """An ``HfApi`` client of ``hub``."""
+    from huggingface_hub import HfApi
+
+    return HfApi(endpoint=hub.url, token=hub.token)

@@ -41,6 +41,7 @@ from clipviz.checkpoint_io import (
     read_torchscript_state_dict,
 )
 from clipviz.openai_clip import openai_clip_dir, openai_model_module
+from tests.hostile_checkpoints import Payload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -356,25 +357,15 @@ def test_truncated_archive(archives, tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Payload:
-    """Unpickling this runs code that creates the canary file."""
-
-    def __init__(self, canary: Path):
-        self.canary = canary
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.canary)!r}, 'w').close()",)
-
-
 def _payload_is_live(tmp_path: Path) -> None:
     """Prove the payload really runs code under a plain unpickler, so the refusals below mean something."""
     probe = tmp_path / "probe_canary"
-    pickle.loads(pickle.dumps(_Payload(probe)))
+    pickle.loads(pickle.dumps(Payload(probe)))
     assert probe.exists()
 
 
 def _evil_torch_save(path: Path, canary: Path, legacy: bool = False) -> Path:
-    torch.save({"weight": torch.ones(2), "evil": _Payload(canary)}, path, _use_new_zipfile_serialization=not legacy)
+    torch.save({"weight": torch.ones(2), "evil": Payload(canary)}, path, _use_new_zipfile_serialization=not legacy)
     return path
 
 
@@ -395,7 +386,7 @@ def test_malicious_torch_save_is_refused(tmp_path, legacy):
 def test_malicious_torchscript_data_pkl_is_refused(archives, tmp_path):
     _payload_is_live(tmp_path)
     canary = tmp_path / "canary"
-    evil = _evil_torchscript(archives["vit-fp32"], tmp_path / "evil.pt", pickle.dumps(_Payload(canary), protocol=2))
+    evil = _evil_torchscript(archives["vit-fp32"], tmp_path / "evil.pt", pickle.dumps(Payload(canary), protocol=2))
     with pytest.raises(CheckpointError, match=r"refused.*asks for __builtin__\.exec"):
         read_state_dict(evil)
     assert not canary.exists()
@@ -418,7 +409,7 @@ def test_payload_nested_in_module_state_is_refused(archives, tmp_path):
     prefix = zipfile.ZipFile(src).namelist()[0].split("/")[0] + "/"
     original = zipfile.ZipFile(src).read(prefix + "data.pkl")
     marker = b"X\x08\x00\x00\x00training"
-    evil_value = pickle.dumps(_Payload(canary), protocol=2)[2:-1]  # the object's opcodes, without PROTO and STOP
+    evil_value = pickle.dumps(Payload(canary), protocol=2)[2:-1]  # the object's opcodes, without PROTO and STOP
     data_pkl = original.replace(marker, b"X\x04\x00\x00\x00evil" + evil_value + marker, 1)
     assert data_pkl != original
     with pytest.raises(CheckpointError, match="refused"):
@@ -430,7 +421,7 @@ def test_unsafe_env_var_is_refused_in_subprocess(archives, tmp_path):
     canary = tmp_path / "canary"
     evil_plain = _evil_torch_save(tmp_path / "evil.pt", canary)
     evil_script = _evil_torchscript(
-        archives["vit-fp32"], tmp_path / "evil_script.pt", pickle.dumps(_Payload(canary), protocol=2)
+        archives["vit-fp32"], tmp_path / "evil_script.pt", pickle.dumps(Payload(canary), protocol=2)
     )
     good_plain = tmp_path / "good.pt"
     torch.save({"w": torch.ones(1)}, good_plain)

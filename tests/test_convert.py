@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, constants, metadata_load
+from huggingface_hub import HfApi, metadata_load
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoProcessor
@@ -33,7 +33,13 @@ from clipviz.state_dict import (
 )
 from convert_weights import build_parser, main
 from tests.convert_fixtures import HEAD_FLAGS, OPENAI_VOCAB, make_archive
-from tests.hub_server import USER, HubServer, hub_server_fixture  # noqa: F401 (importing registers the fixture)
+from tests.hostile_checkpoints import Payload
+from tests.hub_server import (  # noqa: F401 (importing a fixture registers it)
+    USER,
+    hub_api_fixture,
+    hub_fixture,
+    hub_server_fixture,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = {
@@ -262,7 +268,7 @@ def tiny_transformers_clip(folder: Path, hidden_act: str = "gelu"):
     return model
 
 
-def test_transformers_folder_and_hub_repo_id(hub_server: HubServer, tmp_path, capsys, monkeypatch):
+def test_transformers_folder_and_hub_repo_id(api: HfApi, tmp_path, capsys):
     source = tmp_path / "hf-clip"
     hf_model = tiny_transformers_clip(source)
     code, stdout, stderr = run([source, "--output-dir", tmp_path / "from-folder"], capsys)
@@ -280,12 +286,6 @@ def test_transformers_folder_and_hub_repo_id(hub_server: HubServer, tmp_path, ca
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)  # the variant without a tokenizer
     exec(snippet.replace('repo = "from-folder"', f"repo = {str(tmp_path / 'from-folder')!r}"), {})
 
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    api = HfApi(endpoint=hub_server.url, token=hub_server.token)
     api.create_repo(f"{USER}/hf-clip")
     api.upload_folder(repo_id=f"{USER}/hf-clip", folder_path=source)
     args = [f"{USER}/hf-clip", "--output-dir", tmp_path / "from-hub", "--cache-dir", tmp_path / "cache"]
@@ -474,16 +474,6 @@ def test_verification_catches_a_corrupted_file_and_a_wrong_model(archives, tmp_p
     code, _, stderr = run([archives["resnet"].path, "--output-dir", tmp_path / "b", *HEAD_FLAGS], capsys)
     assert code == 1 and re.search(r"disagrees with OpenAI clip/model.py.*logits_per_image 1", stderr)
     assert not (tmp_path / "b").exists()
-
-
-class Payload:
-    """Unpickling this would create the canary file."""
-
-    def __init__(self, canary: Path):
-        self.canary = canary
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.canary)!r}, 'w').close()",)
 
 
 @pytest.mark.parametrize("force_unsafe_env", [False, True], ids=["default", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"])

@@ -12,6 +12,7 @@ from clipviz.state_dict import transformers_clip_config
 from configuration_clipviz import CLIPVizConfig
 from explaining_clipviz import CLIPVizExplanationOutput, _discard_lowest
 from modeling_clipviz import CLIPVizModel
+from tests.helpers import scaled
 
 BOS, EOS = 98, 99
 TEXT = dict(
@@ -61,11 +62,6 @@ def vit():
 @pytest.fixture(scope="module")
 def resnet():
     return tiny_model("resnet")
-
-
-def scaled(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(min=0)
-    return x / x.max() if x.max() > 0 else x
 
 
 def plain_forward(model, px, ids=IDS, mask=MASK, hidden=False):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import pixels, tiny_model, token_ids
+from tests.helpers import pixels, scaled, tiny_model, token_ids
 
 CONTRAST_METHODS = [("vit", "relevance"), ("vit", "gradcam"), ("vit", "legrad"), ("resnet", "relevance"),
                     ("resnet", "gradcam")]  # fmt: skip
@@ -18,11 +18,6 @@ CONTRAST_METHODS = [("vit", "relevance"), ("vit", "gradcam"), ("vit", "legrad"),
 @pytest.fixture(scope="module")
 def models():
     return {backbone: tiny_model(backbone) for backbone in ("vit", "resnet")}
-
-
-def scaled(x: torch.Tensor) -> torch.Tensor:
-    x = x.clamp(min=0)
-    return x / x.max() if x.max() > 0 else x
 
 
 def contrast(logits: torch.Tensor, i: int, t: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ from configuration_clipviz import CLIPVizConfig
 from explaining_clipviz import methods_for
 from modeling_clipviz import CLIPVizModel
 from tests.authors_code import VISION_CFG, authors_packages, convert_open_clip, random_open_clip
-from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
+from tests.helpers import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
 from tests.openai_reference import randomized_openai_clip
 
 NEW_METHODS = {"vit": ("legrad", "gem", "maskclip", "clearclip"), "resnet": ("maskclip",)}

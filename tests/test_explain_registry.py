@@ -24,7 +24,7 @@ from explaining_clipviz import (
     register,
     resolve_options,
 )
-from tests.conftest import pixels, tiny_config, tiny_model, token_ids
+from tests.helpers import pixels, tiny_config, tiny_model, token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 

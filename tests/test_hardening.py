@@ -24,8 +24,8 @@ from clipviz.checkpoint_io import CheckpointError, read_state_dict
 from clipviz.sources import SourceError, load_source
 from configuration_clipviz import CLIPVizConfig
 from tests import hostile_checkpoints as hostile
-from tests.conftest import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
 from tests.convert_fixtures import HEAD_FLAGS, make_archive_from_config, tiny_openai_config
+from tests.helpers import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
 from tests.openai_reference import randomized_openai_clip
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,6 @@ Floors sit below the numbers `benchmarks/eval_localization.py` measures on 300 h
 tables), on a smaller fixed held-out set (and fewer scenes for deletion/insertion) so the test stays fast.
 """
 
-import filecmp
 import importlib.util
 import sys
 from pathlib import Path
@@ -79,10 +78,9 @@ def test_folder_ships_weights_code_tokenizer_processor_and_card(loaded):
     folder = EMBEDDED / loaded.name
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "tokenizer.json", "README.md"):
         assert (folder / name).is_file(), name
-    # the remote code is the repository's current code (refresh with `python -m clipviz.train_embedded --refresh-code`)
+    # the remote code is the repository's own code: links, see tests/test_train_embedded.py
     for code in ("modeling_clipviz.py", "configuration_clipviz.py", "explaining_clipviz.py", "tokenization_clipviz.py"):
-        if code != "tokenization_clipviz.py" or (folder / code).exists():
-            assert filecmp.cmp(folder / code, ROOT / code, shallow=False), f"{folder / code} is stale"
+        assert (folder / code).is_file(), code
     assert type(loaded.model).__name__ == "CLIPVizModel" and hasattr(loaded.model, "explain")
     assert (folder / "model.safetensors").stat().st_size < 40_000_000
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from modeling_clipviz import CLIPVizModel, multi_head_attention
-from tests.conftest import pixels, tiny_config, tiny_model, token_ids
+from tests.helpers import pixels, tiny_config, tiny_model, token_ids
 
 
 def run(model, num_images=2, num_texts=3, **kwargs):

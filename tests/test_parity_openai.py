@@ -16,7 +16,7 @@ from clipviz.state_dict import (
     transformers_clip_config,
 )
 from configuration_clipviz import PRESETS, CLIPVizConfig
-from tests.conftest import TINY_VOCAB, pixels, tiny_config, token_ids
+from tests.helpers import TINY_VOCAB, pixels, tiny_config, token_ids
 from tests.openai_reference import randomized_openai_clip
 
 OPENAI_VOCAB = 49408
@@ -90,6 +90,7 @@ def assert_parity(reference, model, image: torch.Tensor, text: torch.Tensor) -> 
         torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CLIPVizConfig.PRESET_NAMES)
 def test_full_size_parity_with_openai(name):
     preset = CLIPVizConfig.from_preset(name)
@@ -105,6 +106,7 @@ def test_full_size_parity_with_openai(name):
     assert_parity(reference, model, pixels(1, size), token_ids(2, vocab=OPENAI_VOCAB))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ViT-B/32", "RN50"])
 def test_full_size_batch_of_three_equals_single_passes(name):
     preset = CLIPVizConfig.from_preset(name)

@@ -8,11 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from huggingface_hub import HfApi, constants
+from huggingface_hub import HfApi
 
 from clipviz import publish_space
 from clipviz.publish_space import PublishError, assemble, main, push_space
-from tests.hub_server import USER, HubServer, hub_server_fixture  # noqa: F401 (importing registers the fixture)
+from tests.hub_server import (  # noqa: F401 (importing a fixture registers it)
+    USER,
+    HubServer,
+    hub_api_fixture,
+    hub_fixture,
+    hub_server_fixture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SPACE = ROOT / "space"
@@ -38,22 +44,6 @@ def expected_files(models: list[Path]) -> set[str]:
 def tree(api: HfApi, revision: str = "main") -> dict[str, str]:
     entries = api.list_repo_tree(SPACE_ID, repo_type="space", revision=revision, recursive=True)
     return {entry.path: entry.blob_id for entry in entries if hasattr(entry, "blob_id")}
-
-
-@pytest.fixture
-def hub(hub_server: HubServer, monkeypatch) -> HubServer:
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setenv("HF_TOKEN", hub_server.token)
-    return hub_server
-
-
-@pytest.fixture
-def api(hub: HubServer) -> HfApi:
-    return HfApi(endpoint=hub.url, token=hub.token)
 
 
 def test_assembly_holds_the_space_the_examples_and_the_embedded_models_only(tmp_path):
@@ -170,7 +160,7 @@ def test_the_assembled_space_runs_on_its_own(tmp_path):
     PYTHONPATH, no ../embedded), it lists its shipped models and explains a scene with them."""
     from gradio_client import Client, handle_file
 
-    from tests.test_space_app import SpaceServer
+    from tests.space_server import SpaceServer
 
     out = tmp_path / "deployed"
     assemble(out)

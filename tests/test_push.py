@@ -24,7 +24,13 @@ from transformers import AutoModel, pipeline
 from clipviz.push import PushError, push_folder
 from convert_weights import main
 from tests.convert_fixtures import HEAD_FLAGS, make_archive
-from tests.hub_server import USER, HubServer, hub_server_fixture  # noqa: F401 (importing registers the fixture)
+from tests.hub_server import (  # noqa: F401 (importing a fixture registers it)
+    USER,
+    HubServer,
+    hub_api_fixture,
+    hub_fixture,
+    hub_server_fixture,
+)
 from tests.openai_reference import openai_tokenizer_module
 
 REPO = f"{USER}/clipviz-tiny"
@@ -81,22 +87,6 @@ def folder(archive, tmp_path_factory):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main([str(archive.path), "--output-dir", str(out), *HEAD_FLAGS]) == 0
     return out
-
-
-@pytest.fixture
-def hub(hub_server: HubServer, monkeypatch) -> HubServer:
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-    monkeypatch.setenv("HF_TOKEN", hub_server.token)
-    return hub_server
-
-
-@pytest.fixture
-def api(hub: HubServer) -> HfApi:
-    return HfApi(endpoint=hub.url, token=hub.token)
 
 
 def convert_and_push(archive, out: Path, capsys, *extra: str) -> tuple[int, str, str]:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification
 
 from modeling_clipviz import CLIPVizModel
-from tests.conftest import pixels, tiny_config, tiny_model, token_ids
+from tests.helpers import pixels, tiny_config, tiny_model, token_ids
 
 LOAD_SCRIPT = textwrap.dedent(
     """

@@ -2,16 +2,8 @@
 and raw HTTP (overlays, probabilities, token relevance, errors, file-access refusals, upload limit, full queue,
 8 clients at once). Also the upload component's own preprocessing."""
 
-import atexit
 import base64
-import functools
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -19,107 +11,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-SPACE = ROOT / "space"
-sys.path.insert(0, str(SPACE))
-
-from gradio_client import Client, handle_file  # noqa: E402
-from gradio_client.exceptions import AppError  # noqa: E402
-
-EXAMPLES = SPACE / "examples"
-SCENE = EXAMPLES / "scene_1000000001.png"  # a purple square, a white triangle and a blue circle
-CAT = EXAMPLES / "chelsea.jpg"  # 451x300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class SpaceServer:
-    """``python space/app.py`` in a subprocess on a free port, stopped with the test process."""
-
-    def __init__(self, app: Path = SPACE / "app.py", cwd: Path = ROOT, **env):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.workdir = Path(tempfile.mkdtemp(prefix="clipviz-space-"))
-        self.log = self.workdir / "server.log"
-        environment = {
-            **os.environ,
-            "GRADIO_SERVER_NAME": "127.0.0.1",
-            "GRADIO_SERVER_PORT": str(self.port),
-            "GRADIO_ANALYTICS_ENABLED": "False",
-            "GRADIO_TEMP_DIR": str(self.workdir / "gradio"),
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            **env,
-        }
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(app)], cwd=cwd, env=environment, stdout=log, stderr=log
-            )
-        atexit.register(self.stop)
-        self._wait_until_up()
-
-    def _wait_until_up(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the Space exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "config", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"the Space did not answer within {timeout:.0f} s:\n{self.log.read_text()}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def explain_fn_index(self) -> int:
-        config = httpx.get(self.url + "config", timeout=10).json()
-        return next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
-
-
-def model_env() -> dict:
-    """Where the server finds its models: the repository's embedded models through the Space's default lookup
-    (``../embedded``) when both are there; otherwise a folder with whichever exist and, for the others, tiny random
-    models with the same layout (weights + code + tokenizer + processor config)."""
-    names = {"clipviz-tiny-vit": "vit", "clipviz-tiny-resnet": "resnet"}
-    if all((ROOT / "embedded" / name / "config.json").is_file() for name in names):
-        return {}
-    from tests.test_space_explainer import save_tiny_model
-
-    folder = Path(tempfile.mkdtemp(prefix="clipviz-space-models-"))
-    atexit.register(shutil.rmtree, folder, True)
-    for name, backbone in names.items():
-        real = ROOT / "embedded" / name
-        if (real / "config.json").is_file():
-            (folder / name).symlink_to(real, target_is_directory=True)
-        else:
-            save_tiny_model(folder / name, backbone)
-    return {"CLIPVIZ_EMBEDDED_DIR": str(folder)}
-
-
-CONFIGURED_HUB_REPOS = "clipviz/clip-vit-b-16,clipviz/clip-vit-b-32"
-
-
-@functools.cache
-def shared_server() -> SpaceServer:
-    """One server for this module and the browser test (started once per test process): offline
-    (``HF_HUB_OFFLINE=1``) with two Hub repos configured, which are listed but cannot load."""
-    return SpaceServer(CLIPVIZ_HUB_REPOS=CONFIGURED_HUB_REPOS, **model_env())
+from tests.space_server import (
+    CAT,
+    CONFIGURED_HUB_REPOS,
+    EXAMPLES,
+    ROOT,
+    SCENE,
+    SPACE,
+    SpaceServer,
+    free_port,
+    model_env,
+    shared_server,
+)
 
 
 def closed_port_url() -> str:
@@ -382,6 +289,29 @@ def raw_explain(server: SpaceServer, image_payload: dict, prompts: str) -> dict:
 # ---- load ----
 
 
+def at_once(work, count: int) -> list:
+    """``work(0)`` ... ``work(count - 1)`` in threads released together; their results. An exception in any of them
+    fails the test (collected: a lost request or broken download must not vanish in a thread)."""
+    results: list = [None] * count
+    errors: list = []
+    barrier = threading.Barrier(count)
+
+    def run(index: int) -> None:
+        barrier.wait()
+        try:
+            results[index] = work(index)
+        except Exception as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and all(result is not None for result in results), errors
+    return results
+
+
 def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
     colours = ["red", "green", "blue", "yellow", "purple", "white", "red", "blue"]
     requests = [
@@ -389,21 +319,7 @@ def test_eight_simultaneous_clients_all_get_their_own_correct_answer(server):
     ]
     reference_client = Client(server.url, verbose=False)
     expected = [explain(reference_client, SCENE, prompts)[1] for prompts in requests]  # one at a time
-    results: list = [None] * len(requests)
-    errors: list = []
-
-    def run(index: int) -> None:
-        try:
-            results[index] = explain(Client(server.url, verbose=False), SCENE, requests[index])
-        except Exception as error:  # collected: a lost request must fail the test, not vanish in a thread
-            errors.append(error)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(requests))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == [] and all(result is not None for result in results)
+    results = at_once(lambda i: explain(Client(server.url, verbose=False), SCENE, requests[i]), len(requests))
     for prompts, result, reference in zip(requests, results, expected, strict=True):
         overlays, probabilities = result[0], result[1]
         assert [item["caption"].split(" · ")[0] for item in overlays] == prompts
@@ -417,25 +333,12 @@ def test_identical_requests_at_once_all_get_their_files(server):
     (Gradio rewrites a returned PIL image's cache file in place, so the Space returns files it wrote itself)."""
     prompts = ["a photo of a purple square", "a photo of a blue circle", "a photo of a white triangle"]
     sessions = [Client(server.url, verbose=False) for _ in range(8)]
-    results: list = [None] * len(sessions)
-    errors: list = []
-    barrier = threading.Barrier(len(sessions))
 
-    def run(index: int) -> None:
-        barrier.wait()
-        try:
-            for _ in range(2):
-                results[index] = explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
-        except Exception as error:  # collected: a broken download must fail the test
-            errors.append(error)
+    def twice(index: int):
+        explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
+        return explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sessions))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == []
-    for overlays, _, _, heads, _ in results:
+    for overlays, _, _, heads, _ in at_once(twice, len(sessions)):
         for item in overlays + heads:
             with Image.open(item["image"]) as picture:
                 picture.load()  # complete, decodable files

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_space_app import CAT, shared_server
+from tests.space_server import CAT, shared_server
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -7,9 +7,9 @@ with :mod:`clipviz.scenes`; a prompt naming an absent object (each scene has one
 """
 
 import json
-import sys
 from pathlib import Path
 
+import explainer  # the Space's module (setup.cfg puts space/ on pytest's path)
 import numpy as np
 import pytest
 import torch
@@ -18,9 +18,6 @@ from PIL import Image
 from clipviz import metrics, scenes
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "space"))
-
-import explainer  # noqa: E402
 
 EXAMPLES = ROOT / "space" / "examples"
 SCENE_ROWS = [row for row in json.loads((EXAMPLES / "examples.json").read_text()) if "seed" in row]

@@ -6,58 +6,23 @@ loaded exactly as the Space loads them: ``AutoModel.from_pretrained(folder, trus
 
 import io
 import json
-import sys
 import threading
 from pathlib import Path
 
+import explainer
+import imaging
 import numpy as np
 import pytest
 import torch
+from errors import UserError
+from explainer import ModelChoice, PromptError, Settings
 from PIL import Image
 
+from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
+from explaining_clipviz import EXPLAIN_METHODS
+from tests.helpers import save_tiny_model
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "space"))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import explainer  # noqa: E402
-import imaging  # noqa: E402
-from conftest import TINY_TEXT, TINY_VISION  # noqa: E402
-from errors import UserError  # noqa: E402
-from explainer import ModelChoice, PromptError, Settings  # noqa: E402
-
-from explaining_clipviz import EXPLAIN_METHODS  # noqa: E402
-
-CLIP_VOCAB = 49408
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
-
-
-def save_tiny_model(folder: Path, backbone: str, seed: int = 0, **text_overrides) -> Path:
-    """A complete model folder: a tiny random clipviz model with CLIP's real vocabulary, tokenizer files and
-    ``preprocessor_config.json``. Biases are randomised (OpenAI's init zeroes them) so every path carries signal."""
-    from transformers import CLIPImageProcessor
-
-    from clipviz.tokenizer_files import write_tokenizer_files
-    from configuration_clipviz import CLIPVizConfig
-    from modeling_clipviz import CLIPVizModel
-
-    text = {**TINY_TEXT, "vocab_size": CLIP_VOCAB, "bos_token_id": CLIP_VOCAB - 2, "eos_token_id": CLIP_VOCAB - 1}
-    text.update(text_overrides)
-    config = CLIPVizConfig(text_config=text, vision_config=dict(TINY_VISION[backbone]), projection_dim=32)
-    torch.manual_seed(seed)
-    model = CLIPVizModel(config).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.ndim == 1 and "class_embedding" not in name:
-                parameter.add_(torch.randn_like(parameter), alpha=0.1)
-    model.save_pretrained(folder)
-    write_tokenizer_files(folder)
-    size = config.vision_config.image_size
-    CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=OPENAI_MEAN,
-        image_std=OPENAI_STD, resample=3,
-    ).save_pretrained(folder)  # fmt: skip
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,13 @@ RGB a viewer would expect; the letterbox geometry maps CLIP's grid back onto the
 
 import io
 import struct
-import sys
 import zlib
-from pathlib import Path
 
+import imaging
 import numpy as np
 import pytest
+from imaging import ImageRejected, decode_image, to_rgb
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "space"))
-
-import imaging  # noqa: E402
-from imaging import ImageRejected, decode_image, to_rgb  # noqa: E402
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -20,12 +20,10 @@ from PIL import Image
 from transformers import AutoProcessor, AutoTokenizer, CLIPProcessor, CLIPTokenizerFast, pipeline
 
 import tokenization_clipviz
+from clipviz.openai_clip import OPENAI_MEAN, OPENAI_STD
 from clipviz.tokenizer_files import TOKENIZER_AUTO_MAP, remote_code_path, write_tokenizer_files
+from tests.helpers import DIFFERENT, EOT, SAME, SOT, openai_ids, openai_tokenize
 from tests.openai_reference import openai_tokenizer_module
-from tests.test_tokenizer_files import DIFFERENT, EOT, SAME, SOT, openai_ids, openai_tokenize
-
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # Beyond the corpus: inputs where OpenAI's case-insensitive split or its missing NFC matter, and clean-up that
 # is not idempotent (cleaning twice would turn "&amp;amp;" into "&").
@@ -48,11 +46,6 @@ FRAGMENTS = [
 
 
 @pytest.fixture(scope="module")
-def simple_tokenizer():
-    return openai_tokenizer_module().SimpleTokenizer()
-
-
-@pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
     """The tokenizer and processor files of a converted repository."""
     folder = tmp_path_factory.mktemp("clipviz_repo")
@@ -69,8 +62,8 @@ def hub_folder(tmp_path_factory):
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": OPENAI_MEAN,
-        "image_std": OPENAI_STD,
+        "image_mean": list(OPENAI_MEAN),
+        "image_std": list(OPENAI_STD),
     }
     (folder / "preprocessor_config.json").write_text(json.dumps(image_processor))
     (folder / "processor_config.json").write_text(json.dumps({"processor_class": "CLIPProcessor"}))

@@ -23,60 +23,8 @@ from clipviz.tokenizer_files import (
     load_openai_bpe_merges,
     write_tokenizer_files,
 )
-from tests.openai_reference import openai_tokenizer_module
+from tests.helpers import DIFFERENT, EOT, SAME, SOT, openai_ids, openai_tokenize
 from tokenization_clipviz import OPENAI_SPLIT_PATTERN, openai_pieces
-
-SOT, EOT = 49406, 49407
-
-# Texts on which transformers' CLIPTokenizer gives exactly OpenAI's ids.
-SAME = [
-    "a photo of a cat",
-    "A PHOTO OF A DOG, IN UPPER CASE",
-    "Hello, World!!! ... ?!? (parentheses) [brackets] {braces} #hash @at $5 50% a+b=c ~tilde~ `code`",
-    "don't can't we'll I'M they've she's you'd I'd've",
-    "rock'n'roll o'clock 'quoted' \"double\"",
-    "café naïve résumé Ångström Zürich façade jalapeño",
-    "e\u0301 decomposed accent (NFC composes it on both sides)",
-    "東京タワーの写真 中文字符 한국어 문장",
-    "Привет мир, Ελληνικά γράμματα, עברית, العربية, हिन्दी",
-    "🐱🐶 emoji 👍🏽 👨‍👩‍👧 🇫🇷 ❤️",
-    "a\t\tb\n\nc   d \r\n e\u00a0f\u3000g\u2028h",
-    "   leading and trailing spaces   ",
-    "",
-    "   ",
-    "3.14159 1234567 2024-01-01 10,000 ½ ² Ⅻ",
-    "İstanbul ß ẞ straße",
-    "<|endoftext|> literal special tokens <|startoftext|>",
-    "<|ENDOFTEXT|> upper-case special token",
-    "x\u200by zero-width space, a\u200db joiner",
-    "snake_case CamelCase kebab-case dot.separated path/to/file.png https://example.com/?q=1&r=2",
-    "AT&T R&D Q&A",
-]
-
-# Texts where OpenAI's clean-up (ftfy, html.unescape, str.lower) or its case-insensitive split differ from the
-# CLIPTokenizer pipeline, so its ids differ (CLIPVizTokenizer gets them right). Documented in tokenizer_files.py.
-DIFFERENT = [
-    "fish &amp; chips &lt;b&gt; &quot;hi&quot; &#39;x&#39;",  # HTML entities
-    "&amp;amp;amp; nested entity",
-    "cafÃ© mojibake, donâ€™t",  # mojibake that ftfy repairs
-    "it’s a “curly” ‘quote’",  # ftfy uncurls quotes
-    "ﬁsh ﬂower ǅ",  # Latin ligatures
-    "ＡＢＣ full-width １２３",  # full-width forms
-    "a\x1cb control char \x7f",  # control characters ftfy removes
-    "a\x85b C1 control",  # C1 control ftfy reads as windows-1252
-    "\ufeffbyte order mark",
-    "\x1b[31mred\x1b[0m terminal escapes",
-    "ΟΔΟΣ final capital sigma",  # Python str.lower gives final ς
-    "a\u0345b ypogegrammeni",  # dropped by OpenAI's case-insensitive regex
-    "it'ſ long s",  # OpenAI's case-insensitive 's takes 'ſ
-    "a.<|endoftext|>b",  # glued to punctuation, the literal is plain text to OpenAI
-    "<e&#769;",  # '<' stops ftfy's HTML decoding; html.unescape leaves e + U+0301, which NFC would compose
-]
-
-
-@pytest.fixture(scope="module")
-def simple_tokenizer():
-    return openai_tokenizer_module().SimpleTokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -89,24 +37,6 @@ def tokenizer_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
-
-
-def openai_ids(simple_tokenizer, text):
-    return [SOT, *simple_tokenizer.encode(text), EOT]
-
-
-def openai_tokenize(simple_tokenizer, texts, context_length=77, truncate=False):
-    """OpenAI's ``clip.tokenize``, line for line."""
-    result = torch.zeros(len(texts), context_length, dtype=torch.int)
-    for i, text in enumerate(texts):
-        tokens = openai_ids(simple_tokenizer, text)
-        if len(tokens) > context_length:
-            if not truncate:
-                raise RuntimeError(f"Input {text} is too long for context length {context_length}")
-            tokens = tokens[:context_length]
-            tokens[-1] = EOT
-        result[i, : len(tokens)] = torch.tensor(tokens)
-    return result
 
 
 def test_written_files_and_config(tokenizer_dir):

@@ -1,7 +1,12 @@
 """The embedded models' training script: its loss, augmentation, determinism and the folder it writes."""
 
 import json
+import os
 import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +15,7 @@ import torch
 
 from clipviz import scenes
 from clipviz.train_embedded import (
+    CODE_FILES,
     TrainSettings,
     build_model,
     cli_command,
@@ -17,13 +23,16 @@ from clipviz.train_embedded import (
     load_tokenizer,
     multi_positive_loss,
     parse_args,
+    refresh_code,
     save,
     scene_pool,
     sincos_2d,
     train,
 )
 
-EMBEDDED = Path(__file__).resolve().parent.parent / "embedded"
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "embedded"
+EMBEDDED_NAMES = ("clipviz-tiny-vit", "clipviz-tiny-resnet")
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +148,62 @@ def test_saved_settings_still_parse_and_their_command_reproduces_them(name):
     record = json.loads((EMBEDDED / name / "training_args.json").read_text())
     settings = TrainSettings(**record["settings"])
     assert parse_args(shlex.split(cli_command(settings).replace("<dir>", "x"))[3:])[0] == settings
+
+
+# ---- the embedded folders' remote code: links to the repository's files, never copies ----
+
+
+@pytest.mark.parametrize("name", EMBEDDED_NAMES)
+def test_embedded_code_files_are_relative_links_to_the_repository_files(name):
+    for code in CODE_FILES:
+        link = EMBEDDED / name / code
+        assert link.is_symlink(), (
+            f"{link} is a copy: run `python -m clipviz.train_embedded --refresh-code {link.parent}`"
+        )
+        assert os.readlink(link) == f"../../{code}"  # relative: it resolves in every clone
+        assert link.resolve() == (ROOT / code).resolve()
+
+
+def test_refresh_code_turns_copies_and_broken_links_into_links(tmp_path):
+    folder = shutil.copytree(EMBEDDED / "clipviz-tiny-vit", tmp_path / "model")  # links copied as files
+    assert not (folder / "modeling_clipviz.py").is_symlink()
+    (folder / "explaining_clipviz.py").unlink()
+    (folder / "explaining_clipviz.py").symlink_to("../nowhere.py")  # broken
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text("old card")
+    refresh_code([folder])
+    for code in CODE_FILES:
+        assert (folder / code).is_symlink() and (folder / code).resolve() == (ROOT / code).resolve(), code
+    assert (folder / "README.md").read_text() == card  # the card is rewritten from training_args.json
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 77
+
+
+FRESH_CLONE_SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained("embedded/clipviz-tiny-vit", trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
+    size, vocab = model.config.vision_config.image_size, model.config.text_config.vocab_size
+    ids = torch.tensor([[vocab - 2, 5, 6, vocab - 1]])
+    maps = model.explain(torch.randn(1, 3, size, size), ids, method="relevance")
+    print("explained", tuple(maps.image_maps.shape))
+    """
+)
+
+
+def test_embedded_model_loads_and_explains_from_a_fresh_clone(tmp_path):
+    """What git stores (links, not the working tree's files) is enough: clone the committed tree and load the
+    embedded ViT offline with its remote code, nothing of the repository on the path."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--local", str(ROOT), str(clone)], check=True, timeout=300)
+    assert (clone / "embedded" / "clipviz-tiny-vit" / "modeling_clipviz.py").is_symlink()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_CLONE_SCRIPT], cwd=clone, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    grid = json.loads((clone / "embedded" / "clipviz-tiny-vit" / "config.json").read_text())["vision_config"]
+    side = grid["image_size"] // grid["patch_size"]
+    assert f"explained (1, 1, {side}, {side})" in result.stdout, result.stdout
