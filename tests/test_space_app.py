@@ -77,9 +77,17 @@ def test_explain_endpoint_is_the_only_public_api(client):
     assert names == page + options and "start_layer" in names
 
 
+def default_method_title() -> str:
+    """The title of the default model's configured explanation method (its config.json), from the registry."""
+    from explaining_clipviz import EXPLAIN_METHODS
+
+    config = json.loads((Path(__file__).resolve().parents[1] / "embedded/clipviz-tiny-vit/config.json").read_text())
+    return EXPLAIN_METHODS[config["explain_method"]].title
+
+
 def test_without_a_method_the_models_default_runs(client):
     _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"])
-    assert note.startswith("This model's default method") and "**Relevance (Chefer et al.)**" in note
+    assert note.startswith("This model's default method") and f"**{default_method_title()}**" in note
     _, _, _, _, note = explain(client, SCENE, ["a photo of a blue circle"], method="rollout", style="fade")
     assert note.startswith("**Attention rollout**")
 
@@ -100,7 +108,7 @@ def test_overlays_probabilities_and_token_relevance(client):
     words = [entry["token"] for entry in tokens if entry["class_or_confidence"] is not None]
     assert "".join(words).split() == " ".join(prompts).split()
     assert all(0 <= entry["class_or_confidence"] <= 1 for entry in tokens if entry["class_or_confidence"] is not None)
-    assert heads == [] and "Relevance" in note
+    assert heads == [] and default_method_title() in note
 
 
 def test_overlays_keep_the_photos_aspect_ratio(client):
