@@ -9,8 +9,10 @@ memory holds one shard at a time whatever the dataset size.
 
 Output folder::
 
-    manifest.json            model (id, revision), settings, methods and options, clipviz version, dataset
-                             (source, split, revision, fingerprint, rows), and when complete: shards and counts
+    manifest.json            model (id, revision, resolved commit or SHA-256 of a local folder's config and
+                             weights), settings, methods and options, clipviz version, dataset (source, split,
+                             revision, fingerprint, rows), and when complete: shards and counts; a resumed run
+                             must match its settings, model and dataset
     shard-00000.parquet ...  one row per (dataset row, prompt, method): row, prompt_index, prompt, method,
                              image_map [gh][gw] float16, text_map [tokens] float16, logit, image_height, image_width
 
