@@ -9,8 +9,10 @@ memory holds one shard at a time whatever the dataset size.
 
 Output folder::
 
-    manifest.json            model (id, revision), settings, methods and options, clipviz version, dataset
-                             (source, split, revision, fingerprint, rows), and when complete: shards and counts
+    manifest.json            model (id, revision, resolved commit or SHA-256 of a local folder's config and
+                             weights), settings, methods and options, clipviz version, dataset (source, split,
+                             revision, fingerprint, rows), and when complete: shards and counts; a resumed run
+                             must match its settings, model and dataset
     shard-00000.parquet ...  one row per (dataset row, prompt, method): row, prompt_index, prompt, method,
                              image_map [gh][gw] float16, text_map [tokens] float16, logit, image_height, image_width
 
@@ -29,6 +31,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -258,7 +261,8 @@ def output_features():
 class _Explainer:
     """The ``Dataset.map`` function of one shard: decodes, processes and explains one batch of rows at a time.
 
-    Rows whose image cannot be decoded (or that have no prompt) are skipped and listed in ``skipped``."""
+    Rows whose image cannot be decoded, that have no prompt (None or empty) or whose class label is not a label
+    name (-1: none) are skipped and listed in ``skipped``."""
 
     def __init__(self, model, processor, settings: Settings, label_names, first_row: int, progress):
         self.model, self.processor, self.settings = model, processor, settings
@@ -271,11 +275,20 @@ class _Explainer:
         self.skipped: list[dict] = []
 
     def row_prompts(self, value) -> list[str]:
+        """The row's prompts; raises ValueError (the row is skipped) for a missing or empty prompt or a class label
+        outside the label names (-1 is ``datasets``' "no label")."""
         settings = self.settings
         if settings.prompt_column is None:
             return list(settings.prompts)
         values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if v is None or (isinstance(v, str) and not v.strip()):
+                raise ValueError(f"no prompt in this row ({settings.prompt_column!r} holds {value!r})")
         if self.label_names is not None:
+            count = len(self.label_names)
+            for v in values:
+                if not 0 <= v < count:
+                    raise ValueError(f"class label {v} is not one of the {count} label names (-1: no label)")
             values = [self.label_names[v] for v in values]
         return [settings.template.format(v) for v in values]
 
@@ -371,11 +384,26 @@ def load_model(model: str, revision: str | None, device, dtype):
     return loaded.to(device=device, dtype=dtype).eval(), processor
 
 
+MODEL_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
+
+
+def model_files(name: str) -> dict[str, str] | None:
+    """SHA-256 of a local model folder's config and weight files (its identity); None for a Hub id."""
+    from clipviz.checkpoint_io import sha256_file
+
+    folder = Path(name)
+    if not folder.is_dir():
+        return None
+    paths = sorted({path for pattern in MODEL_FILES for path in folder.glob(pattern) if path.is_file()})
+    return {path.name: sha256_file(path) for path in paths}
+
+
 def model_info(model, name: str, revision: str | None) -> dict:
     return {
         "id": name,
         "revision": revision,
-        "commit": getattr(model.config, "_commit_hash", None),
+        "commit": getattr(model.config, "_commit_hash", None),  # the resolved Hub commit
+        "files": model_files(name),
         "config": model.config.to_diff_dict(),
     }
 
@@ -418,13 +446,44 @@ def check_resume(output: Path, settings: Settings, dataset_info: dict) -> dict |
     if manifest.get("settings") != json.loads(json.dumps(settings.as_json())):
         raise ExplainError(f"{output} holds a run with other settings (see its {MANIFEST}): use a new output folder")
     recorded = manifest.get("dataset", {})
-    for key in ("fingerprint", "num_rows"):
-        if recorded.get(key) is not None and dataset_info.get(key) is not None and recorded[key] != dataset_info[key]:
+    current = json.loads(json.dumps(dataset_info, default=str))
+    for key in ("source", "fingerprint", "num_rows"):
+        if recorded.get(key) is not None and current.get(key) is not None and recorded[key] != current[key]:
             raise ExplainError(
-                f"{output} holds a run on another dataset ({key} {recorded[key]} != {dataset_info[key]}): "
+                f"{output} holds a run on another dataset ({key} {recorded[key]} != {current[key]}): "
                 "use a new output folder"
             )
     return manifest
+
+
+def check_resume_model(output: Path, manifest: dict, model: dict) -> None:
+    """A resumed run must use the same model: the same resolved Hub commit, or the same local config and weight
+    files (SHA-256)."""
+    recorded = manifest.get("model", {})
+    for key, what in (("commit", "model commit"), ("files", "model files (config.json and weights, SHA-256)")):
+        if recorded.get(key) is not None and model.get(key) is not None and recorded[key] != model[key]:
+            raise ExplainError(
+                f"{output} holds a run of another model ({what} differ from those of {model['id']}): "
+                "use a new output folder"
+            )
+
+
+def check_output(output: Path) -> None:
+    """The output folder can be created and written, checked before any work."""
+    if output.exists() and not output.is_dir():
+        raise ExplainError(f"output {output} is a file, not a folder: pass a folder path")
+    folder = output
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ExplainError(f"cannot create output folder {output}: {folder} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ExplainError(
+            f"cannot write output folder {output}: {folder} is not writable ({error.strerror}): pass another folder"
+        ) from None
 
 
 def _num_shards(total: int, shard_rows: int) -> int:
@@ -527,6 +586,22 @@ def finish_manifest(output: Path, manifest: dict, num_shards: int) -> dict:
     return manifest
 
 
+def check_template(template: str) -> None:
+    """``template`` formats one value (``{}`` or ``{0}``, format specs allowed) and uses it."""
+    marker = "clipviz_value"
+    try:
+        used = marker in template.format(marker)
+    except (IndexError, KeyError, ValueError, AttributeError) as error:
+        raise ExplainError(
+            f"template {template!r} is not a format for one value ({type(error).__name__}: {error}): "
+            'write it with {} for the prompt value, e.g. "a photo of a {}" (a literal brace is {{ or }})'
+        ) from None
+    if not used:
+        raise ExplainError(
+            f'template {template!r} does not put the prompt value in: write {{}}, e.g. "a photo of a {{}}"'
+        )
+
+
 def explain_dataset(
     dataset,
     output_dir: str | os.PathLike,
@@ -572,10 +647,11 @@ def explain_dataset(
         raise ExplainError("give either fixed prompts (--prompt) or a prompt column (--prompt-column), one of them")
     if prompts is not None and not list(prompts):
         raise ExplainError("the prompt list is empty")
+    if prompts is not None and not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ExplainError(f"the prompts {list(prompts)!r} hold an empty one: every --prompt needs text")
     if batch_size < 1 or shard_rows < batch_size or shard_rows % batch_size:
         raise ExplainError(f"shard rows ({shard_rows}) must be a positive multiple of the batch size ({batch_size})")
-    if "{}" not in template:
-        raise ExplainError(f"template {template!r} has no {{}} for the class name")
+    check_template(template)
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ExplainError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     check_columns(dataset, image_column, prompt_column)
@@ -598,6 +674,7 @@ def explain_dataset(
         dtype=dtype,
     )
     output = Path(output_dir)
+    check_output(output)
     dataset_info = describe_dataset(dataset, source)
     previous = check_resume(output, settings, dataset_info)
     state = PartialState()
@@ -606,10 +683,13 @@ def explain_dataset(
     else:
         loaded_model, processor = load_model(name, revision, state.device, getattr(torch, dtype))
     check_methods(loaded_model, processor, specs)
+    model_record = model_info(loaded_model, name, revision)
+    if previous is not None:
+        check_resume_model(output, previous, model_record)
     manifest = previous or {
         "format": FORMAT_VERSION,
         "clipviz_version": clipviz_version(),
-        "model": model_info(loaded_model, name, revision),
+        "model": model_record,
         "settings": settings.as_json(),
         "dataset": dataset_info,
         "complete": False,
@@ -644,7 +724,7 @@ def explain_dataset(
             if explainer.skipped:
                 first = explainer.skipped[0]
                 print(
-                    f"warning: shard {shard}: skipped {len(explainer.skipped)} unreadable row(s), first: row "
+                    f"warning: shard {shard}: skipped {len(explainer.skipped)} row(s) (unreadable image or no prompt), first: row "
                     f"{first['row']}: {first['error']}",
                     file=sys.stderr,
                 )
@@ -756,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             source=source,
             progress=not args.no_progress,
         )
-    except ExplainError as error:
+    except (ExplainError, OSError) as error:  # OSError: a disk full or a folder made read-only mid-run
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -767,7 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if "num_shards" in manifest:  # the main process
         print(
-            f"{manifest['rows_seen']} rows ({manifest['rows_skipped']} skipped as unreadable), "
+            f"{manifest['rows_seen']} rows ({manifest['rows_skipped']} skipped: unreadable image or no prompt), "
             f"{manifest['output_rows']} maps in {len(manifest['shards'])} shard(s) -> {args.output}"
             + ("" if manifest["complete"] else " (incomplete: run again to finish)")
         )

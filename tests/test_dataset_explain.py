@@ -27,6 +27,7 @@ from clipviz.dataset_eval import main as eval_main  # noqa: E402
 from clipviz.dataset_explain import (  # noqa: E402
     MANIFEST,
     SHARD_NAME,
+    ExplainError,
     explain_dataset,
     load_explanations,
     load_input,
@@ -216,11 +217,41 @@ def test_bad_inputs_fail_with_one_clear_line(scene_dir, tmp_path, capsys):
     message = error("--method=attention:layer=99")
     assert "attention:layer=99" in message and "out of range" in message
     assert "multiple of the batch size" in error("--shard-rows=12")
+    assert "is not a format for one value" in error("--template=a {")
+    assert "KeyError" in error("--template=a {name}") and "IndexError" in error("--template=a {1}")
+    assert "does not put the prompt value in" in error("--template=a photo")
+    assert not output.exists()
     text_file = tmp_path / "notes.txt"
     text_file.write_text("x")
     args = run_args(scene_dir, output)
     args[0] = str(text_file)
     assert main(args) == 1 and "not Parquet" in capsys.readouterr().err
+    for target, message in ((text_file, f"error: output {text_file} is a file"), (text_file / "out", "is a file")):
+        assert main(run_args(scene_dir, target)) == 1
+        err = capsys.readouterr().err
+        assert message in err and f"{text_file} is a file" in err and "Traceback" not in err
+    assert text_file.read_text() == "x"
+    args = run_args(scene_dir, output)
+    at = args.index("--prompt-column")
+    args[at : at + 2] = ["--prompt", "a red circle", "--prompt", ""]
+    assert main(args) == 1 and "every --prompt needs text" in capsys.readouterr().err
+
+
+def test_unwritable_output_and_os_errors_are_one_error_line(scene_dir, tmp_path, capsys, monkeypatch):
+    import clipviz.dataset_explain as module
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as patch:  # a read-only folder (chmod does not stop root, who runs the CI)
+        patch.setattr(module.tempfile, "TemporaryFile", refuse)
+        assert main(run_args(scene_dir, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert f"error: cannot write output folder {tmp_path / 'out'}: {tmp_path} is not writable" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    monkeypatch.setattr(module, "explain_dataset", refuse)  # an OSError mid-run (disk full, a lost mount)
+    assert main(run_args(scene_dir, tmp_path / "out")) == 1
+    assert capsys.readouterr().err == "error: [Errno 13] Permission denied\n"
 
 
 def test_rerun_with_other_settings_is_refused(reference, tmp_path, capsys, scene_dir):
@@ -250,7 +281,7 @@ def test_unreadable_rows_are_reported_and_skipped(tmp_path, capsys):
     )  # fmt: skip
     assert manifest["complete"] and manifest["rows_seen"] == 6 and manifest["rows_skipped"] == 2
     assert [s["row"] for s in manifest["skipped"]] == [1, 4]
-    assert "skipped 1 unreadable row" in capsys.readouterr().err
+    assert "skipped 1 row(s) (unreadable image" in capsys.readouterr().err
     out = load_explanations(tmp_path / "out", cache_dir=str(tmp_path / "cache"))
     assert sorted(set(out.data.column("row").to_pylist())) == [0, 2, 3, 5] and len(out) == 8
     # a non-square image: the map covers the centred square the processor kept, upsampled there
@@ -357,6 +388,59 @@ def test_class_label_column_with_a_template(tmp_path):
                     template="a photo of a {}", batch_size=2, shard_rows=2, progress=False)  # fmt: skip
     (table,) = shard_tables(tmp_path / "out")
     assert table.column("prompt").to_pylist() == ["a photo of a red square", "a photo of a blue square"]
+
+
+def test_rows_without_a_label_or_prompt_are_skipped_not_explained(tmp_path):
+    images = [{"bytes": png(color), "path": None} for color in ("red", "blue", "green", "white")]
+    labelled = datasets.Dataset.from_dict(  # -1: datasets' "no label"; 2: out of range (a cast lets it through)
+        {"image": images, "label": [1, -1, 2, 0]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    ).cast_column("label", datasets.ClassLabel(names=["red", "blue"]))
+    manifest = explain_dataset(labelled, tmp_path / "labels", str(VIT), ["attention"], prompt_column="label",
+                               template="a {0} square", batch_size=2, shard_rows=4, progress=False)  # fmt: skip
+    assert manifest["rows_seen"] == 4 and [s["row"] for s in manifest["skipped"]] == [1, 2]
+    assert "class label -1" in manifest["skipped"][0]["error"] and "class label 2" in manifest["skipped"][1]["error"]
+    (table,) = shard_tables(tmp_path / "labels")
+    assert table.column("row").to_pylist() == [0, 3]
+    assert table.column("prompt").to_pylist() == ["a blue square", "a red square"]
+    captions = [["a red square"], [None], [], ["a green square", ""]]
+    lists = datasets.Dataset.from_dict(
+        {"image": images, "captions": captions},
+        features=datasets.Features({"image": datasets.Image(), "captions": datasets.List(datasets.Value("string"))}),
+    )
+    strings = datasets.Dataset.from_dict(
+        {"image": images, "caption": [None, "", "a green square", "  "]},
+        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}),
+    )
+    for rows, column, explained in ((lists, "captions", [0]), (strings, "caption", [2])):
+        manifest = explain_dataset(rows, tmp_path / column, str(VIT), ["attention"], prompt_column=column,
+                                   batch_size=2, shard_rows=4, progress=False)  # fmt: skip
+        assert manifest["rows_skipped"] == 3 and all("no prompt" in s["error"] for s in manifest["skipped"])
+        (table,) = shard_tables(tmp_path / column)
+        assert table.column("row").to_pylist() == explained and "None" not in table.column("prompt").to_pylist()
+
+
+def test_resume_with_another_model_or_dataset_source_is_refused(scene_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(VIT, model)
+    rows = load_input(str(scene_dir)).select(range(2))
+    source = {"path": str(scene_dir), "split": None, "name": None, "revision": None}
+
+    def run(**changes):
+        kwargs = dict(prompt_column="captions", batch_size=2, shard_rows=2, progress=False, source=source)
+        return explain_dataset(rows, tmp_path / "out", str(model), ["attention"], **{**kwargs, **changes})
+
+    first = run()
+    assert set(first["model"]["files"]) == {"config.json", "model.safetensors"}
+    assert run()["complete"]  # the same model and source: resumed (here: nothing left to do)
+    with pytest.raises(ExplainError, match="another dataset .*source.*use a new output folder"):
+        run(source={**source, "split": "test"})
+    with open(model / "config.json", "a") as config:
+        config.write("\n")  # other bytes: another model for the record, whatever its name
+    with pytest.raises(ExplainError, match=r"another model \(model files .*use a new output folder"):
+        run()
 
 
 def test_method_registry_entries_decide_gradients():
