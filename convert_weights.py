@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from clipviz.convert_options import HIDDEN_ACTS, OUTPUT_DTYPES, SOURCE_FORMATS, ConvertOptions
+from clipviz.convert_options import HIDDEN_ACTS, OUTPUT_DTYPES, SOURCE_FORMATS, ConvertOptions, parse_size
 
 EXAMPLES = """\
 examples:
@@ -182,8 +182,6 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     fields = {field.name for field in dataclasses.fields(ConvertOptions)}
     options = ConvertOptions(**{name: value for name, value in vars(args).items() if name in fields})
     if options.max_shard_size is not None:
-        from clipviz.hub_repo import parse_size
-
         try:
             options.max_shard_size = parse_size(options.max_shard_size)
         except ValueError as error:

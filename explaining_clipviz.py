@@ -1086,6 +1086,9 @@ class CLIPVizExplainMixin:
         Every image is paired with every prompt: both towers run once, whatever the number of pairs. Call it on a
         model in eval mode (BatchNorm of the ResNet tower uses its running statistics then).
 
+        Not thread-safe on one model instance: it attaches forward hooks to the model while it runs, so concurrent
+        calls on the same model see each other's hooks. Use one model per thread, or hold a lock around the call.
+
         Args:
             pixel_values (`torch.FloatTensor` of shape `[num_images, 3, size, size]`): processed images.
             input_ids (`torch.LongTensor` of shape `[num_texts, length]`): tokenized prompts.
@@ -1102,12 +1105,13 @@ class CLIPVizExplainMixin:
                   Options: `head_fusion` (`"mean"`, `"max"`, `"min"`), `discard_ratio` (in [0, 1): the lowest
                   fraction of each fused image attention map is zeroed, never the class->class entry; the text
                   tower is rolled out without discarding). Rows are renormalized after adding the identity.
-                - `"relevance"` (the config's default method): Chefer et al. 2021 gradient x attention,
+                - `"relevance"` (the default unless the config names another, `config.explain_method`): Chefer et al. 2021 gradient x attention,
                   `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y` the image-prompt logit; the image
                   map is the class token's row, the text map the end-of-text token's row minus the identity.
                   Options: `start_layer` (ViT, first image layer used, default -1 = the last one, as Chefer's CLIP
                   code, and about the cost of a forward whatever the number of prompts; 0 uses every layer: sharper
-                  on small models, but one image-tower backward per prompt) and `start_layer_text` (default -1).
+                  on small models, but a backward through the whole image tower, batched over the prompts in one
+                  vmapped pass, so its cost grows with their number) and `start_layer_text` (default -1).
                   ResNet: the attention pool's gradient-weighted attention `mean_h ReLU(dy/dA * A)` of the mean
                   token over the grid.
                   `target` (relevance, gradcam, legrad): `"logit"` (default) explains each prompt's own score;

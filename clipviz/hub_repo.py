@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from clipviz.convert_options import parse_size
 from clipviz.sources import ImageSettings
 
 WEIGHTS_NAME = "model.safetensors"
@@ -42,8 +43,6 @@ SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-MIN_SHARD_SIZE = 10**3  # below 1 KB every tensor would get a shard of its own
 # Every name a conversion writes: `--overwrite` replaces only a folder holding nothing else.
 CONVERSION_FILE = re.compile(
     r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json|\w+_clipviz\.py|README\.md|merges\.txt"
@@ -180,22 +179,6 @@ class TensorRecord:
     dtype: torch.dtype
     shape: tuple[int, ...]
     digest: str  # BLAKE2b of the raw bytes
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "500MB", "2GB", "1.5GiB" or a plain number (decimal units as transformers, binary with `i`)."""
-    if isinstance(text, int):
-        text = str(text)
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text).upper())
-    if not match:
-        raise ValueError(f"--max-shard-size must look like 500MB, 2GB or 1GiB, got {text!r}.")
-    size = int(float(match[1]) * SIZE_UNITS[match[2] or ""])
-    if size < MIN_SHARD_SIZE:
-        raise ValueError(
-            f"--max-shard-size {text} is {size} bytes; it must be at least 1KB (shards are meant to be hundreds of "
-            "MB, e.g. 500MB or 2GB)."
-        )
-    return size
 
 
 def cast_for_saving(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,8 @@ Files are copied by content, so a model folder whose code files are symlinks to 
 The push: ``create_repo(repo_type="space", space_sdk="gradio", exist_ok=True)``, then the remote tree's hashes are
 compared with the assembled files (git blob ids, sha256 for LFS files); when nothing differs no commit is made,
 otherwise one commit adds what changed and deletes what the assembly no longer has, on top of the head read before
-(``parent_commit``: a concurrent push makes the Hub refuse instead of mixing). ``--output-dir`` only assembles.
+(``parent_commit``: a concurrent push makes the Hub refuse instead of mixing). A Space that already holds files but
+none of an earlier publish (no ``clipviz/rendering.py``) is refused unless ``--replace`` is given. ``--output-dir`` only assembles.
 
 The token comes from the usual huggingface_hub places (``HF_TOKEN``, ``hf auth login``); the endpoint from
 ``HF_ENDPOINT`` or ``--endpoint``.
@@ -40,6 +41,7 @@ REPOSITORY_ONLY = ("make_examples.py",)  # Space-folder scripts that need the re
 # default model cannot load; a loaded model's own registry is used otherwise)
 LIBRARY_FILES = ("clipviz/__init__.py", "clipviz/rendering.py", "explaining_clipviz.py")
 KEPT_REMOTE_FILES = (".gitattributes",)  # written by the Hub when the repo is created; never deleted
+PUBLISHED_MARKER = "clipviz/rendering.py"  # every assembly holds it: a Space holding it was published by this command
 
 
 class PublishError(ValueError):
@@ -143,9 +145,13 @@ def push_space(
     commit_message: str = "Publish the clipviz Space",
     endpoint: str | None = None,
     token: str | None = None,
+    replace: bool = False,
 ) -> PublishResult:
     """Create the Space if needed and make its main branch hold exactly ``folder`` (plus ``.gitattributes``), in one
-    commit, or in none when it already does."""
+    commit, or in none when it already does.
+
+    A Space that holds files but no earlier publish (no ``PUBLISHED_MARKER``) is refused with a `PublishError`, so
+    that a mistyped ``repo_id`` never wipes an unrelated Space; ``replace=True`` replaces its contents anyway."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
     from huggingface_hub.hf_api import RepoFile
 
@@ -160,6 +166,14 @@ def push_space(
             for entry in api.list_repo_tree(repo_id, repo_type="space", revision=head, recursive=True)
             if isinstance(entry, RepoFile)
         }
+        foreign = sorted(path for path in remote if path not in KEPT_REMOTE_FILES)
+        if foreign and PUBLISHED_MARKER not in remote and not replace:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise PublishError(
+                f"The Space {repo_id} already holds {len(foreign)} file(s) ({shown}) but no earlier clipviz publish "
+                f"(no {PUBLISHED_MARKER}); publishing would delete them. Give another --repo-id, or pass --replace to "
+                "replace its contents with the clipviz Space."
+            )
         changed = [path for path in local if path not in remote or not unchanged(local[path], remote[path])]
         deleted = sorted(path for path in remote if path not in local and path not in KEPT_REMOTE_FILES)
         if not changed and not deleted:
@@ -190,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--space-dir", type=Path, default=DEFAULT_SPACE_DIR, help="the Space folder (default: space/)")
     parser.add_argument("--private", action="store_true", help="create the Space as private")
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="publish even into a Space that holds files of something else (they are deleted); without it such a "
+        "Space is refused",
+    )
     parser.add_argument("--endpoint", help="the Hub's URL (default: HF_ENDPOINT or https://huggingface.co)")
     return parser
 
@@ -203,7 +223,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         with tempfile.TemporaryDirectory(prefix="clipviz-space-") as staging:
             assemble(Path(staging) / "space", args.space_dir, args.model)
-            result = push_space(Path(staging) / "space", args.repo_id, private=args.private, endpoint=args.endpoint)
+            result = push_space(
+                Path(staging) / "space",
+                args.repo_id,
+                private=args.private,
+                endpoint=args.endpoint,
+                replace=args.replace,
+            )
     except (PublishError, PushError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -133,6 +133,40 @@ def test_the_map_depends_on_the_other_prompts(models):
     assert not torch.allclose(three, two)
 
 
+def min_max(x: torch.Tensor) -> torch.Tensor:
+    """A map as LeGrad scales it: shifted and divided to [0, 1] (a flat map becomes 0)."""
+    spread = x.max() - x.min()
+    return (x - x.min()) / spread if spread > 0 else torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("start_layer", [-1, -2])
+def test_vit_legrad_contrast_is_legrad_of_the_contrastive_scores(models, start_layer):
+    """Per layer l, s_l[i, j] = cos(project(ln_post(mean over tokens of block l's output)), prompt j); the contrast
+    explains s_l[i, k] - sum_j softmax_{j != k}(logits[i, j]) s_l[i, j] by its gradient w.r.t. A_l alone (ReLU, mean
+    over heads and query rows), summed over layers: by plain autograd through an ordinary forward."""
+    model = models["vit"]
+    images, texts = pixels(2, model.config.vision_config.image_size), token_ids(3)
+    result = model.explain(images, texts, method="legrad", start_layer=start_layer, target="contrast")
+    for i in range(2):
+        for t in range(3):
+            clone, out = plain_forward(model, images, texts, hidden=True)
+            vision = out.vision_model_output
+            weights = other_weights(out.logits_per_image, i, t)
+            first = start_layer % len(vision.attentions)
+            image = 0
+            for layer in range(first, len(vision.attentions)):
+                block_out = vision.hidden_states[layer + 1]  # [I, N, D]: the output of block `layer`
+                features = F.normalize(
+                    clone.vision_model.project(clone.vision_model.ln_post(block_out.mean(1))), dim=-1
+                )
+                scores = features @ out.text_embeds.detach().t()  # [I, T]
+                target = scores[i, t] - scores[i] @ weights
+                (grad,) = torch.autograd.grad(target, vision.attentions[layer], retain_graph=True)  # [I, h, N, N]
+                image = image + grad[i].clamp(min=0).mean(dim=(0, 1))[1:]  # [gh*gw]
+            expected = min_max(image)
+            torch.testing.assert_close(result.image_maps[i, t].flatten(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_legrad_contrast_is_finite_and_differs_from_the_logit(models):
     model = models["vit"]
     images, texts = pixels(2, model.config.vision_config.image_size), token_ids(3)

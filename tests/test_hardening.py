@@ -23,6 +23,7 @@ from clipviz import checkpoint_io, hub_repo, model_card, verify
 from clipviz.checkpoint_io import CheckpointError, read_state_dict
 from clipviz.sources import SourceError, load_source
 from configuration_clipviz import CLIPVizConfig
+from modeling_clipviz import CLIPVizModel
 from tests import hostile_checkpoints as hostile
 from tests.convert_fixtures import HEAD_FLAGS, make_archive_from_config, tiny_openai_config
 from tests.helpers import TINY_TEXT, TINY_VISION, pixels, tiny_config, tiny_model, token_ids
@@ -50,9 +51,16 @@ def test_non_finite_top_level_values_are_refused(field, value):
 
 
 def test_valid_epsilon_still_builds():
-    config = tiny_config("vit")
-    config.text_config.layer_norm_eps = 1e-6
+    """Small but valid epsilons are kept as given, reach the LayerNorms, and the model runs finite."""
+    text, vision = {**TINY_TEXT, "layer_norm_eps": 1e-6}, {**TINY_VISION["vit"], "layer_norm_eps": 1e-12}
+    config = CLIPVizConfig(text_config=text, vision_config=vision, projection_dim=32)
+    assert config.text_config.layer_norm_eps == 1e-6 and config.vision_config.layer_norm_eps == 1e-12
     config.text_config.validate_architecture()
+    model = CLIPVizModel(config).eval()
+    assert model.text_model.ln_final.eps == 1e-6 and model.vision_model.ln_post.eps == 1e-12
+    with torch.no_grad():
+        out = model(input_ids=token_ids(2), pixel_values=pixels(1, config.vision_config.image_size))
+    assert out.logits_per_image.shape == (1, 2) and torch.isfinite(out.logits_per_image).all()
 
 
 # ---- the model: empty texts, explain() on a wrong-size image ----

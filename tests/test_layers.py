@@ -157,6 +157,8 @@ def test_cli_help_and_argument_errors_need_no_torch():
         ("model.pt", "--output-dir", "out", "--text-heads", "0"): "error: argument --text-heads: must be a positive",
         ("--output-dir", "out"): "error: give either a SOURCE or --model NAME (exactly one)",
         ("model.pt",): "error: the following arguments are required: --output-dir",
+        ("model.pt", "--output-dir", "out", "--max-shard-size", "3XB"): "error: --max-shard-size must look like 500MB",
+        ("model.pt", "--output-dir", "out", "--max-shard-size", "10B"): "error: --max-shard-size 10B is 10 bytes",
     }
     for args, message in cases.items():
         done = run_without_torch(*args)

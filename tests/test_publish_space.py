@@ -133,6 +133,28 @@ def test_a_change_is_one_commit_with_only_that_change(hub, api, tmp_path):
     assert len(commits) == 3 and commits[0].title == "Publish the clipviz Space"
 
 
+def test_an_unrelated_space_is_refused_unless_replace_is_given(hub, api, tmp_path, capsys):
+    """A --repo-id naming a Space that holds something else fails with a clear error and leaves it untouched;
+    --replace publishes anyway (deleting the other files); a Space published before updates without --replace."""
+    api.create_repo(SPACE_ID, repo_type="space", space_sdk="gradio")
+    api.upload_file(
+        path_or_fileobj=b"print('another app')\n", path_in_repo="app.py", repo_id=SPACE_ID, repo_type="space"
+    )
+    before = [c.commit_id for c in api.list_repo_commits(SPACE_ID, repo_type="space")]
+    models = ["--model", str(EMBEDDED / "clipviz-tiny-resnet")]
+    assert main(["--repo-id", SPACE_ID, *models]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The Space {SPACE_ID} already holds 1 file(s) (app.py) but no earlier clipviz")
+    assert "--replace" in err and "Traceback" not in err and err.count("\n") == 1
+    assert [c.commit_id for c in api.list_repo_commits(SPACE_ID, repo_type="space")] == before
+    assert set(tree(api)) == {".gitattributes", "app.py"}
+
+    assert main(["--repo-id", SPACE_ID, *models, "--replace"]) == 0
+    assert set(tree(api)) == expected_files([EMBEDDED / "clipviz-tiny-resnet"]) | {".gitattributes"}
+    assert main(["--repo-id", SPACE_ID, "--model", str(EMBEDDED / "clipviz-tiny-vit")]) == 0  # our own: no --replace
+    assert set(tree(api)) == expected_files([EMBEDDED / "clipviz-tiny-vit"]) | {".gitattributes"}
+
+
 def test_publish_failures_are_one_line_errors(hub, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", hub.read_token)
     assert main(["--repo-id", SPACE_ID, "--endpoint", hub.url]) == 1

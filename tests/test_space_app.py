@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
@@ -346,10 +347,17 @@ def test_identical_requests_at_once_all_get_their_files(server):
         explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
         return explain(sessions[index], SCENE, prompts, method="attention", head_grid=True)
 
+    pictures = []
     for overlays, _, _, heads, _ in at_once(twice, len(sessions)):
+        assert len(overlays) == len(prompts) and heads
+        arrays = []
         for item in overlays + heads:
             with Image.open(item["image"]) as picture:
-                picture.load()  # complete, decodable files
+                arrays.append(np.asarray(picture.convert("RGB")))  # complete, decodable files
+        pictures.append(arrays)
+    for arrays in pictures[1:]:  # every session got the first one's overlays and head grids, pixel for pixel
+        assert len(arrays) == len(pictures[0])
+        assert all(np.array_equal(got, want) for got, want in zip(arrays, pictures[0], strict=True))
 
 
 def test_full_queue_answers_with_a_clear_message():
