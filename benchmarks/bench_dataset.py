@@ -41,13 +41,17 @@ from clipviz.dataset_explain import decode_image, explain_dataset, load_input, p
 
 METHODS = ("attention", "rollout", "relevance", "relevance:start_layer=0", "gradcam")
 PROMPTS = list(scenes.all_captions()[:2])  # --prompts N: the first N scene captions
-# cost of each method as a multiple of a plain forward (bench_explain.py, ViT-B/16, 1 prompt; README)
+# cost of each method as a multiple of a plain forward (bench_explain.py, ViT-B/16, 1 prompt, 2026-12-02; README)
 COST_MULTIPLE = {
-    "attention": 1.03,
+    "attention": 1.01,
     "rollout": 1.02,
-    "relevance": 1.06,
-    "relevance:start_layer=0": 2.77,
-    "gradcam": 1.34,
+    "relevance": 1.08,
+    "relevance:start_layer=0": 2.19,
+    "gradcam": 1.25,
+    "legrad": 1.39,
+    "gem": 1.35,
+    "maskclip": 1.08,
+    "clearclip": 1.05,
 }
 
 
