@@ -1,7 +1,7 @@
 """clipviz-explain / clipviz-eval on a generated scene dataset with the embedded models (offline).
 
-The scene dataset has 48 rows (the multi-object held-out scenes of ``benchmarks/eval_localization.py``): enough
-for 6 shards of 8 rows, few enough that this file stays near a minute on 2 busy cores.
+The scene dataset has 240 rows (the multi-object held-out scenes of ``benchmarks/eval_localization.py``): 15 shards
+of 16 rows, and this file stays near a minute and a half on 2 cores.
 """
 
 import io
@@ -38,7 +38,7 @@ from clipviz.dataset_explain import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 VIT, RESNET = ROOT / "embedded" / "clipviz-tiny-vit", ROOT / "embedded" / "clipviz-tiny-resnet"
-ROWS, BATCH, SHARD = 48, 8, 8
+ROWS, BATCH, SHARD = 240, 16, 16
 CHEAP = ["attention", "relevance"]  # the runs compared across processes and interruptions
 MULTI_START = 50_000  # eval_localization's multi-object scenes
 
