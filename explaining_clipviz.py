@@ -33,7 +33,7 @@ from transformers.utils import ModelOutput
 
 OPTION_KINDS = ("int", "float", "choice", "image_layer", "text_layer", "image_head", "text_head")
 BACKBONES = ("vit", "resnet")
-COSTS = ("forward only", "one backward", "per-layer backward")
+COSTS = ("forward only", "one backward", "per-layer backward", "one forward per window")
 
 
 @dataclass(frozen=True)
@@ -792,6 +792,68 @@ def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor
     return summed / valid.sum(dim=-1, keepdim=True).to(grads.dtype)
 
 
+# ---- Occlusion ----
+
+OCCLUSION_CHUNK = 64  # occluded images per forward of the image tower (bounds the memory whatever the grid)
+
+
+def occlusion_maps(model, inputs: ExplainInputs, options: dict):
+    """Occlusion: the drop of each image-prompt cosine when a window of grid cells is set to the dataset mean
+    (zero after normalization), and when one prompt token is deleted."""
+    encode(model, inputs, image_attentions=False, image_hidden_states=False, text_attentions=False)
+    return _occlusion_image(model, inputs, options["window"]), _occlusion_text(model, inputs)
+
+
+def _cell_edges(size: int, cells: int) -> list[int]:
+    """Pixel boundaries of `cells` grid cells along a side of `size` pixels (the last cell takes any remainder)."""
+    return [index * size // cells for index in range(cells + 1)]
+
+
+def _occlusion_image(model, inputs: ExplainInputs, window: int) -> torch.Tensor:
+    """`[I, T, gh, gw]`: each cell's mean cosine drop over the square windows of `window` cells (slid one cell at a
+    time) that cover it. A window is at most the grid's side minus one cell, so some of the image stays visible."""
+    images, (grid_h, grid_w) = inputs.pixel_values, inputs.grid
+    win_h, win_w = min(window, max(1, grid_h - 1)), min(window, max(1, grid_w - 1))
+    rows, cols = _cell_edges(images.shape[-2], grid_h), _cell_edges(images.shape[-1], grid_w)
+    corners = [(y, x) for y in range(grid_h - win_h + 1) for x in range(grid_w - win_w + 1)]
+    base = inputs.image_unit @ inputs.text_unit.t()  # [I, T]
+    drops = torch.zeros(*base.shape, grid_h, grid_w, dtype=torch.float32, device=base.device)  # [I, T, gh, gw]
+    covered = torch.zeros(grid_h, grid_w, dtype=torch.float32, device=base.device)  # [gh, gw]
+    per_chunk = max(1, OCCLUSION_CHUNK // images.shape[0])
+    for begin in range(0, len(corners), per_chunk):
+        chunk = corners[begin : begin + per_chunk]
+        occluded = images[:, None].repeat(1, len(chunk), 1, 1, 1)  # [I, W, 3, S, S]
+        for k, (y, x) in enumerate(chunk):
+            occluded[:, k, :, rows[y] : rows[y + win_h], cols[x] : cols[x + win_w]] = 0
+        features = model.vision_model.project(model.vision_model(occluded.flatten(0, 1)).pooler_output)  # [I*W, P]
+        scores = (_unit(features) @ inputs.text_unit.t()).unflatten(0, (images.shape[0], len(chunk)))  # [I, W, T]
+        for k, (y, x) in enumerate(chunk):
+            drops[..., y : y + win_h, x : x + win_w] += (base - scores[:, k]).float()[..., None, None]
+            covered[y : y + win_h, x : x + win_w] += 1
+    return drops / covered
+
+
+def _occlusion_text(model, inputs: ExplainInputs) -> torch.Tensor:
+    """`[I, T, L]`: the cosine drop when one token between the start and the end-of-text token is deleted (the
+    rest shifts left, the sequence keeps its length); the start and end-of-text tokens themselves stay 0."""
+    ids = inputs.input_ids
+    mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask
+    eot = ids.argmax(dim=-1)  # [T]
+    pairs = [(t, j) for t in range(ids.shape[0]) for j in range(1, int(eot[t]))]
+    maps = torch.zeros(inputs.image_unit.shape[0], *ids.shape, dtype=torch.float32, device=ids.device)  # [I, T, L]
+    if not pairs:
+        return maps
+    deleted_ids = torch.stack([torch.cat((ids[t, :j], ids[t, j + 1 :], ids[t, -1:])) for t, j in pairs])  # [V, L]
+    deleted_mask = torch.stack([torch.cat((mask[t, :j], mask[t, j + 1 :], mask.new_zeros(1))) for t, j in pairs])
+    pooled = model.text_model(deleted_ids, deleted_mask).pooler_output  # [V, D]
+    features = pooled @ model.text_projection.to(pooled.dtype)  # [V, P]
+    scores = inputs.image_unit @ _unit(features).t()  # [I, V]
+    base = inputs.image_unit @ inputs.text_unit.t()  # [I, T]
+    texts, positions = torch.tensor(pairs, device=ids.device).unbind(dim=1)  # [V] each
+    maps[:, texts, positions] = (base[:, texts] - scores).float()
+    return maps
+
+
 HEAD_CHOICES = ("mean", "max")
 TARGET_OPTION = ExplainOption(
     "target",
@@ -1046,6 +1108,43 @@ register(
 )
 
 
+register(
+    ExplainMethod(
+        name="occlusion",
+        title="Occlusion",
+        function=occlusion_maps,
+        backbones=("vit", "resnet"),
+        options=(
+            ExplainOption(
+                "window",
+                "int",
+                2,
+                "side of the square occluder in grid cells (at most the grid's side minus one), slid one cell at a "
+                "time; a cell is a ViT patch or a ResNet grid cell",
+                minimum=1,
+            ),
+        ),
+        prompt_dependent=True,
+        cost="one forward per window",
+        needs_grad=False,
+        how_to_read=(
+            "Occlusion hides part of the image and watches the score: a square of grid cells is set to the "
+            "dataset's mean colour, the image tower runs again, and the drop of the image-prompt similarity is "
+            "credited to the hidden cells; the square slides one cell at a time and each cell gets the mean drop "
+            "of the squares that covered it. Bright: regions the model needs to match this prompt. It asks the "
+            "model itself rather than reading its internals, so it is the slowest method (one image-tower pass per "
+            "position: 49 on the embedded ViT, 169 on ViT-B/16 with the default 2-cell square) and the reference "
+            "the others can be checked against. The token colours: the drop when that one token is deleted from "
+            "the prompt."
+        ),
+        reference=(
+            "Zeiler & Fergus 2014, Visualizing and Understanding Convolutional Networks (ECCV), occlusion "
+            "sensitivity; for CLIP with deletion of prompt tokens as the text side."
+        ),
+    )
+)
+
+
 # ---- The model's `explain` ----
 
 
@@ -1143,6 +1242,12 @@ class CLIPVizExplainMixin:
                   attention, no residual, no MLP; each patch against the prompt, min-max scaled.
                   The three gradient-free methods' text map is the end-of-text token's last-layer attention over
                   the prompt (mean over heads).
+                - `"occlusion"`: occlusion sensitivity (Zeiler & Fergus 2014), no gradients: a square of `window`
+                  x `window` grid cells (default 2) set to zero (the dataset mean after normalization) slides one
+                  cell at a time; each cell's value is the mean drop of the image-prompt cosine over the squares
+                  covering it, clamped at 0. Text map: the drop when that token is deleted (the start and
+                  end-of-text tokens stay 0). Costs one image-tower pass per square position, run in chunks of
+                  `OCCLUSION_CHUNK` images.
             options: the method's options (`EXPLAIN_METHODS[method].options`).
 
         Returns:

@@ -5,7 +5,7 @@ mask, so for "a photo of a red circle" in a scene with a red circle, a green sta
 where each method's map peaks; and removing the cells a map ranks first should cost the prompt's logit most.
 Scenes come from ``EVAL_SEEDS``, a seed range training never draws from. Every method the model's explanation
 registry offers for its backbone is run (with its default options; ``--sweep`` adds every combination of first
-layer and target of the methods that take them), so a new method appears here without touching this script.
+layer, target and occlusion window of the methods that take them), so a new method appears here without touching this script.
 
 Metrics (multi-object scenes: one map per object, prompted with that object's caption; implemented once, in
 :mod:`clipviz.metrics`):
@@ -58,9 +58,10 @@ RANDOM = "random map"
 LOCALIZATION = metrics.SCENE_METRICS
 FAITHFULNESS = ("del↓", "ins↑")
 METRICS = LOCALIZATION + FAITHFULNESS
-# options whose every combination --sweep tries: the first image layer a method uses, and its target (the prompt's
-# logit, or the logit contrasted with the other prompts of the scene)
-SWEPT_OPTIONS = ("start_layer", "target")
+# options whose every combination --sweep tries: the first image layer a method uses, its target (the prompt's
+# logit, or the logit contrasted with the other prompts of the scene), and occlusion's window (in grid cells)
+SWEPT_OPTIONS = ("start_layer", "target", "window")
+SWEPT_NUMBERS = {"window": (1, 2, 3)}  # the values tried for the whole-number options above
 
 
 @dataclass
@@ -118,7 +119,7 @@ def registry_methods(loaded: Loaded) -> dict[str, object]:
 def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
     """Rows to measure: label -> (method, options). The model's default (``config.explain_method`` with its
     options), every registry method with its defaults and, with ``sweep``, every combination of the values of the
-    options named in ``SWEPT_OPTIONS`` (image layers 0 .. layers - 1, a choice's every choice), each labelled with
+    options named in ``SWEPT_OPTIONS`` (image layers 0 .. layers - 1, a choice's every choice, the values in ``SWEPT_NUMBERS``), each labelled with
     the options that differ from the method's defaults."""
     config = loaded.model.config
     default = dict(config.explain_options)
@@ -144,6 +145,8 @@ def swept_values(loaded: Loaded, option, default: bool = False):
         return option.default % loaded.image_layers if default else range(loaded.image_layers)
     if option.kind == "choice":
         return option.default if default else option.choices
+    if option.name in SWEPT_NUMBERS:
+        return option.default if default else SWEPT_NUMBERS[option.name]
     raise ValueError(f"--sweep cannot sweep option {option.name!r} of kind {option.kind!r}")
 
 
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="deletion/insertion steps per curve")
     parser.add_argument("--single", type=int, default=500, help="held-out single-object scenes for zero-shot top-1")
     parser.add_argument(
-        "--sweep", action="store_true", help="also every first layer x target of the methods that take them"
+        "--sweep", action="store_true", help="also every first layer x target (x window) of the methods that take them"
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds the random map and the order of tied cells")
     parser.add_argument("--figure", type=Path, help="also save a PNG of maps here, e.g. docs/maps.png")
