@@ -33,7 +33,12 @@ from transformers.utils import ModelOutput
 
 OPTION_KINDS = ("int", "float", "choice", "image_layer", "text_layer", "image_head", "text_head")
 BACKBONES = ("vit", "resnet")
-COSTS = ("forward only", "one backward", "per-layer backward", "one forward per window")
+COSTS = (
+    "forward only",
+    "one backward",
+    "per-layer backward",
+    "one image-tower pass per window position, one text-tower pass per prompt token",
+)
 
 
 @dataclass(frozen=True)
@@ -794,7 +799,7 @@ def _text_query_mean(grads: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor
 
 # ---- Occlusion ----
 
-OCCLUSION_CHUNK = 64  # occluded images per forward of the image tower (bounds the memory whatever the grid)
+OCCLUSION_CHUNK = 64  # sequences per pass of a tower (occluded images, or prompts with a token deleted)
 
 
 def occlusion_maps(model, inputs: ExplainInputs, options: dict):
@@ -809,48 +814,56 @@ def _cell_edges(size: int, cells: int) -> list[int]:
     return [index * size // cells for index in range(cells + 1)]
 
 
+def _cosines(features: torch.Tensor, other_unit: torch.Tensor) -> torch.Tensor:
+    """Cosines `[B, K]` of features `[B, P]` with unit vectors `[K, P]`, in float32 (drops of a few 1e-3 would
+    vanish in fp16/bf16 rounding)."""
+    return _unit(features.float()) @ other_unit.float().t()
+
+
 def _occlusion_image(model, inputs: ExplainInputs, window: int) -> torch.Tensor:
     """`[I, T, gh, gw]`: each cell's mean cosine drop over the square windows of `window` cells (slid one cell at a
-    time) that cover it. A window is at most the grid's side minus one cell, so some of the image stays visible."""
+    time, at most the grid's side minus one cell) that cover it."""
     images, (grid_h, grid_w) = inputs.pixel_values, inputs.grid
     win_h, win_w = min(window, max(1, grid_h - 1)), min(window, max(1, grid_w - 1))
     rows, cols = _cell_edges(images.shape[-2], grid_h), _cell_edges(images.shape[-1], grid_w)
     corners = [(y, x) for y in range(grid_h - win_h + 1) for x in range(grid_w - win_w + 1)]
-    base = inputs.image_unit @ inputs.text_unit.t()  # [I, T]
-    drops = torch.zeros(*base.shape, grid_h, grid_w, dtype=torch.float32, device=base.device)  # [I, T, gh, gw]
-    covered = torch.zeros(grid_h, grid_w, dtype=torch.float32, device=base.device)  # [gh, gw]
-    per_chunk = max(1, OCCLUSION_CHUNK // images.shape[0])
-    for begin in range(0, len(corners), per_chunk):
-        chunk = corners[begin : begin + per_chunk]
-        occluded = images[:, None].repeat(1, len(chunk), 1, 1, 1)  # [I, W, 3, S, S]
-        for k, (y, x) in enumerate(chunk):
-            occluded[:, k, :, rows[y] : rows[y + win_h], cols[x] : cols[x + win_w]] = 0
-        features = model.vision_model.project(model.vision_model(occluded.flatten(0, 1)).pooler_output)  # [I*W, P]
-        scores = (_unit(features) @ inputs.text_unit.t()).unflatten(0, (images.shape[0], len(chunk)))  # [I, W, T]
-        for k, (y, x) in enumerate(chunk):
-            drops[..., y : y + win_h, x : x + win_w] += (base - scores[:, k]).float()[..., None, None]
-            covered[y : y + win_h, x : x + win_w] += 1
+    pairs = [(i, y, x) for y, x in corners for i in range(images.shape[0])]  # every image x window position
+    base = _cosines(inputs.image_features, inputs.text_unit)  # [I, T]
+    drops = base.new_zeros(*base.shape, grid_h, grid_w)  # [I, T, gh, gw]
+    covered = base.new_zeros(grid_h, grid_w)  # [gh, gw]
+    for y, x in corners:
+        covered[y : y + win_h, x : x + win_w] += 1
+    for begin in range(0, len(pairs), OCCLUSION_CHUNK):
+        chunk = pairs[begin : begin + OCCLUSION_CHUNK]
+        occluded = images[[i for i, _, _ in chunk]].clone()  # [C, 3, S, S]
+        for k, (_, y, x) in enumerate(chunk):
+            occluded[k, :, rows[y] : rows[y + win_h], cols[x] : cols[x + win_w]] = 0
+        features = model.vision_model.project(model.vision_model(occluded).pooler_output)  # [C, P]
+        scores = _cosines(features, inputs.text_unit)  # [C, T]
+        for k, (i, y, x) in enumerate(chunk):
+            drops[i, :, y : y + win_h, x : x + win_w] += (base[i] - scores[k])[:, None, None]  # [T, 1, 1]
     return drops / covered
 
 
 def _occlusion_text(model, inputs: ExplainInputs) -> torch.Tensor:
     """`[I, T, L]`: the cosine drop when one token between the start and the end-of-text token is deleted (the
-    rest shifts left, the sequence keeps its length); the start and end-of-text tokens themselves stay 0."""
+    rest shifts left and the last position repeats, masked out; the length stays); start, end-of-text and padding
+    stay 0."""
     ids = inputs.input_ids
     mask = torch.ones_like(ids) if inputs.attention_mask is None else inputs.attention_mask
-    eot = ids.argmax(dim=-1)  # [T]
-    pairs = [(t, j) for t in range(ids.shape[0]) for j in range(1, int(eot[t]))]
+    eot = ids.argmax(dim=-1).tolist()  # OpenAI's rule: the end-of-text token has the largest id
+    pairs = [(t, j) for t in range(ids.shape[0]) for j in range(1, eot[t])]  # every word of every prompt
     maps = torch.zeros(inputs.image_unit.shape[0], *ids.shape, dtype=torch.float32, device=ids.device)  # [I, T, L]
-    if not pairs:
-        return maps
-    deleted_ids = torch.stack([torch.cat((ids[t, :j], ids[t, j + 1 :], ids[t, -1:])) for t, j in pairs])  # [V, L]
-    deleted_mask = torch.stack([torch.cat((mask[t, :j], mask[t, j + 1 :], mask.new_zeros(1))) for t, j in pairs])
-    pooled = model.text_model(deleted_ids, deleted_mask).pooler_output  # [V, D]
-    features = pooled @ model.text_projection.to(pooled.dtype)  # [V, P]
-    scores = inputs.image_unit @ _unit(features).t()  # [I, V]
-    base = inputs.image_unit @ inputs.text_unit.t()  # [I, T]
-    texts, positions = torch.tensor(pairs, device=ids.device).unbind(dim=1)  # [V] each
-    maps[:, texts, positions] = (base[:, texts] - scores).float()
+    base = _cosines(inputs.image_features, inputs.text_unit)  # [I, T]
+    positions = torch.arange(ids.shape[1], device=ids.device)  # [L]
+    for begin in range(0, len(pairs), OCCLUSION_CHUNK):
+        texts, deleted = torch.tensor(pairs[begin : begin + OCCLUSION_CHUNK], device=ids.device).unbind(dim=1)  # [V]
+        source = (positions[None] + (positions[None] >= deleted[:, None])).clamp(max=ids.shape[1] - 1)  # [V, L]
+        shifted_mask = mask[texts].gather(1, source) * (positions[None] < ids.shape[1] - 1)  # [V, L]
+        pooled = model.text_model(ids[texts].gather(1, source), shifted_mask).pooler_output  # [V, D]
+        features = pooled @ model.text_projection.to(pooled.dtype)  # [V, P]
+        scores = _cosines(inputs.image_features, _unit(features.float()))  # [I, V]
+        maps[:, texts, deleted] = base[:, texts] - scores
     return maps
 
 
@@ -1119,13 +1132,13 @@ register(
                 "window",
                 "int",
                 2,
-                "side of the square occluder in grid cells (at most the grid's side minus one), slid one cell at a "
-                "time; a cell is a ViT patch or a ResNet grid cell",
+                "side of the square occluder in grid cells (a ViT patch or a ResNet grid cell), slid one cell at a "
+                "time; larger values are clipped to the grid's side minus one, so some cells stay visible",
                 minimum=1,
             ),
         ),
         prompt_dependent=True,
-        cost="one forward per window",
+        cost="one image-tower pass per window position, one text-tower pass per prompt token",
         needs_grad=False,
         how_to_read=(
             "Occlusion hides part of the image and watches the score: a square of grid cells is set to the "
@@ -1246,8 +1259,9 @@ class CLIPVizExplainMixin:
                   x `window` grid cells (default 2) set to zero (the dataset mean after normalization) slides one
                   cell at a time; each cell's value is the mean drop of the image-prompt cosine over the squares
                   covering it, clamped at 0. Text map: the drop when that token is deleted (the start and
-                  end-of-text tokens stay 0). Costs one image-tower pass per square position, run in chunks of
-                  `OCCLUSION_CHUNK` images.
+                  end-of-text tokens stay 0). Costs one image-tower pass per image and square position and one
+                  text-tower pass per prompt token, in chunks of `OCCLUSION_CHUNK` sequences; squares larger than
+                  the grid's side minus one cell are clipped to it.
             options: the method's options (`EXPLAIN_METHODS[method].options`).
 
         Returns:

@@ -7,7 +7,9 @@ the usual notebook loop calls ``model.explain`` once per image and prompt. Both 
 - ``--models``: ``embedded`` (the 64 px tiny ViT) and ``ViT-B/16`` (OpenAI's architecture, random weights, 224 px:
   speed does not depend on the weights).
 - For each method and batch size (1, 8, 32): images/s of ``explain_dataset`` in this process, and the loop's
-  images/s; the ratio is the speed-up (goal: >= 3x at batch 32 for the gradient-free methods).
+  images/s; the ratio is the speed-up (goal: >= 3x at batch 32 for the gradient-free methods). A last row times
+  plain forwards the same two ways (batches with the text features computed once, against a forward per image and
+  prompt): no method's batched path can gain more over its loop than that.
 - ``--processes``: the same run as 1 process with N threads and as N processes with 1 thread each under
   ``accelerate launch --cpu`` (wall time of the whole command, start-up included, so use enough images).
 - ``--flops``: per-image forward FLOPs of ViT-B/16 and ViT-L/14 (``torch.utils.flop_counter``) and the paper estimate
@@ -114,6 +116,39 @@ def loop_rate(loaded, data: Path, method: str, count: int) -> float:
             ids, mask = text["input_ids"], text["attention_mask"]
             explained = model.explain(pixel_values, ids, mask, method=spec.name, **spec.options)
             explained.image_maps.numpy()
+    return count / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def forward_rate(loaded, data: Path, batch: int) -> float:
+    """Images/s of plain forwards in batches of ``batch`` images, the prompts' text features computed once: no
+    maps, no writing. With ``forward_loop_rate``, the ceiling of what batching can gain on this machine."""
+    import datasets
+
+    model, processor = loaded
+    rows = load_input(str(data)).cast_column("image", datasets.Image(decode=False))
+    text = processor.tokenizer(list(PROMPTS), padding=True, return_tensors="pt")
+    started = time.perf_counter()
+    model.get_text_features(text["input_ids"], text["attention_mask"])
+    for begin in range(0, rows.num_rows, batch):
+        images = [decode_image(row["image"]) for row in rows.select(range(begin, min(begin + batch, rows.num_rows)))]
+        model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
+    return rows.num_rows / (time.perf_counter() - started)
+
+
+@torch.no_grad()
+def forward_loop_rate(loaded, data: Path, count: int) -> float:
+    """Images/s of the loop's plain forwards: per image, the processor, then one forward per prompt."""
+    import datasets
+
+    model, processor = loaded
+    rows = load_input(str(data)).select(range(count)).cast_column("image", datasets.Image(decode=False))
+    started = time.perf_counter()
+    for row in rows:
+        pixel_values = processor(images=decode_image(row["image"]), return_tensors="pt")["pixel_values"]
+        for prompt in PROMPTS:
+            ids = processor.tokenizer([prompt], return_tensors="pt")
+            model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixel_values)
     return count / (time.perf_counter() - started)
 
 
@@ -237,6 +272,10 @@ def main(argv: list[str] | None = None) -> int:
                 loop = loop_rate(loaded, data, method, min(args.loop_images, args.images))
                 cells = " | ".join(f"{r:.1f}" for r in rates)
                 print(f"| {method} | {cells} | {loop:.1f} | {rates[-1] / loop:.1f}x |", flush=True)
+            rates = [forward_rate(loaded, data, batch) for batch in sizes]
+            loop = forward_loop_rate(loaded, data, min(args.loop_images, args.images))
+            cells = " | ".join(f"{r:.1f}" for r in rates)
+            print(f"| plain forward, no maps (the ceiling) | {cells} | {loop:.1f} | {rates[-1] / loop:.1f}x |")
             if args.processes > 1:
                 rates = process_rates(model, data, args.methods[0], sizes[-1], args.processes, workdir)
                 print(f"\n{name}, {args.methods[0]}, batch {sizes[-1]}, {args.images} images (wall, start-up included): "

@@ -88,16 +88,23 @@ def parse_method(text: str) -> MethodSpec:
 # ---- the model's methods
 
 
-def method_registry(model) -> dict[str, Any] | tuple[str, ...]:
-    """``EXPLAIN_METHODS`` of the model's own code (its modeling module, or ``explaining_clipviz`` next to it): a dict
-    of method entries (``needs_grad``, ...) or, in older code, a tuple of names; ``()`` when there is none."""
+def explaining_module(model):
+    """The module of the model's own code that holds ``EXPLAIN_METHODS`` (its modeling module, or
+    ``explaining_clipviz`` next to it), or None when its code has no registry."""
     module_name = type(model).__module__
     package = module_name.rpartition(".")[0]
     for name in (module_name, f"{package}.explaining_clipviz" if package else "explaining_clipviz"):
-        registry = getattr(sys.modules.get(name), "EXPLAIN_METHODS", None)
-        if registry is not None:
-            return registry
-    return ()
+        module = sys.modules.get(name)
+        if getattr(module, "EXPLAIN_METHODS", None) is not None:
+            return module
+    return None
+
+
+def method_registry(model) -> dict[str, Any] | tuple[str, ...]:
+    """``EXPLAIN_METHODS`` of the model's own code (see ``explaining_module``): a dict of method entries
+    (``needs_grad``, ...) or, in older code, a tuple of names; ``()`` when there is none."""
+    module = explaining_module(model)
+    return () if module is None else module.EXPLAIN_METHODS
 
 
 def needs_grad(model, method: str) -> bool:
@@ -108,27 +115,38 @@ def needs_grad(model, method: str) -> bool:
 
 
 def check_methods(model, processor, methods: Sequence[MethodSpec]) -> None:
-    """Unknown methods, options or values fail here, before any row is processed, with the model's own message."""
+    """Unknown methods, options or values fail here, before any row is processed, with the model's own message:
+    from its registry's ``resolve_options`` (no forward pass), or, for code without one, from an ``explain`` call on
+    a blank image."""
     registry = method_registry(model)
     names = list(registry) if registry else []
+    resolve = getattr(explaining_module(model), "resolve_options", None)
+    for spec in methods:
+        if names and spec.name not in names:
+            raise ExplainError(f"unknown method {spec.name!r}; this model's methods: {', '.join(names)}")
+        try:
+            if resolve is not None:
+                resolve(spec.name, spec.options, model.config)
+            else:
+                _explain_blank(model, processor, spec)
+        except ValueError as error:
+            raise ExplainError(f"method {spec.label!r}: {error}") from None
+
+
+def _explain_blank(model, processor, spec: MethodSpec) -> None:
+    """One ``explain`` call on a blank image and the prompt "a photo" (raises what the model raises)."""
     size = processor.image_processor.crop_size
     blank = np.zeros((size["height"], size["width"], 3), dtype=np.uint8)
     pixel_values = processor.image_processor(images=[blank], return_tensors="pt")["pixel_values"]
     text = processor.tokenizer(["a photo"], padding="longest", return_tensors="pt")
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    for spec in methods:
-        if names and spec.name not in names:
-            raise ExplainError(f"unknown method {spec.name!r}; this model's methods: {', '.join(names)}")
-        try:
-            model.explain(
-                pixel_values.to(device, dtype),
-                text["input_ids"].to(device),
-                text["attention_mask"].to(device),
-                method=spec.name,
-                **spec.options,
-            )
-        except ValueError as error:
-            raise ExplainError(f"method {spec.label!r}: {error}") from None
+    model.explain(
+        pixel_values.to(device, dtype),
+        text["input_ids"].to(device),
+        text["attention_mask"].to(device),
+        method=spec.name,
+        **spec.options,
+    )
 
 
 # ---- inputs

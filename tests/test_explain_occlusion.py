@@ -86,22 +86,53 @@ def test_occlusion_matches_one_window_at_a_time_on_openai_clip(backbone, window)
         torch.testing.assert_close(result.text_maps[i, t], scaled(text_maps[i, t]))
 
 
-def test_chunks_do_not_change_the_maps(monkeypatch):
+def test_hugging_face_padding_and_a_mask_give_the_unpadded_maps():
+    """Prompts padded with the end-of-text id (Hugging Face's CLIP tokenizer) under an attention mask: each
+    prompt's maps equal those of the prompt alone, unpadded and without a mask."""
     config = tiny_config("vit")
     _, ours = openai_pair(config)
-    images, texts = pixels(3, config.vision_config.image_size), token_ids(2)
+    images, texts = pixels(2, config.vision_config.image_size), token_ids(3)
+    mask = (texts != 0).long()
+    padded = texts.masked_fill(mask == 0, int(texts.max()))  # the end-of-text id after each prompt
+    result = ours.explain(images, padded, mask, method="occlusion")
+    assert (result.text_maps[:, mask == 0] == 0).all()
+    for t in range(3):
+        length = int(mask[t].sum())
+        alone = ours.explain(images, texts[t : t + 1, :length], method="occlusion")
+        torch.testing.assert_close(result.image_maps[:, t], alone.image_maps[:, 0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(result.text_maps[:, t, :length], alone.text_maps[:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_prompt_without_words_gets_a_zero_text_map():
+    config = tiny_config("vit")
+    _, ours = openai_pair(config)
+    texts = token_ids(2)
+    texts[1, 1], texts[1, 2:] = int(texts.max()), 0  # <sot> <eot>: nothing to delete
+    result = ours.explain(pixels(1, config.vision_config.image_size), texts, method="occlusion")
+    assert (result.text_maps[0, 1] == 0).all() and result.text_maps[0, 0].max() == 1
+    assert torch.isfinite(result.image_maps).all()
+
+
+def test_chunks_do_not_change_the_maps(monkeypatch):
+    """Chunks of 9 sequences: 3 images x 16 window positions end on a partial chunk, and so do the 24 deleted
+    tokens of the prompts (3 + 8 + 13 words)."""
+    config = tiny_config("vit")
+    _, ours = openai_pair(config)
+    images, texts = pixels(3, config.vision_config.image_size), token_ids(3)
     expected = ours.explain(images, texts, method="occlusion", window=1)
-    monkeypatch.setattr(explaining_clipviz, "OCCLUSION_CHUNK", 4)  # one window position per image tower pass
+    monkeypatch.setattr(explaining_clipviz, "OCCLUSION_CHUNK", 9)
     result = ours.explain(images, texts, method="occlusion", window=1)
     torch.testing.assert_close(result.image_maps, expected.image_maps, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(result.text_maps, expected.text_maps, atol=1e-4, rtol=1e-4)
 
 
-def test_a_window_as_large_as_the_grid_leaves_one_cell_visible():
-    config = tiny_config("vit")  # a 4 x 4 grid
+def test_windows_wider_than_the_grid_allows_are_clipped_to_its_side_minus_one():
+    config = tiny_config("vit")  # a 4 x 4 grid: windows of at most 3 cells
     _, ours = openai_pair(config)
     images, texts = pixels(1, config.vision_config.image_size), token_ids(2)
     widest = ours.explain(images, texts, method="occlusion", window=3).image_maps
     torch.testing.assert_close(ours.explain(images, texts, method="occlusion", window=10).image_maps, widest)
+    assert not torch.allclose(ours.explain(images, texts, method="occlusion", window=2).image_maps, widest)
 
 
 @pytest.mark.parametrize(
@@ -158,3 +189,13 @@ def test_resnet_reduced_precisions_give_the_float32_maps(embedded_resnet, dtype)
     assert result.image_maps.dtype == torch.float32 and torch.isfinite(result.image_maps).all()
     assert cosines(result.image_maps, expected.image_maps).min() >= 0.97
     assert cosines(result.text_maps, expected.text_maps, map_dims=1).min() >= 0.9
+
+
+def test_resnet_frozen_parameters_and_no_grad_context_give_the_same_maps(embedded_resnet):
+    model, images, ids, mask = embedded_resnet
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    expected = model.explain(images, ids, mask, method="occlusion")
+    with torch.no_grad():
+        result = frozen.explain(images, ids, mask, method="occlusion")
+    torch.testing.assert_close(result.image_maps, expected.image_maps)
+    torch.testing.assert_close(result.text_maps, expected.text_maps)

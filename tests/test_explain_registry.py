@@ -160,8 +160,12 @@ NO_PIL_SCRIPT = textwrap.dedent(
     config = model.config
     size, vocab = config.vision_config.image_size, config.text_config.vocab_size
     ids = torch.tensor([[vocab - 2, 5, 6, vocab - 1], [vocab - 2, 7, vocab - 1, 0]])
-    result = model.explain(torch.randn(1, 3, size, size), ids)
-    assert result.image_maps.shape[:2] == (1, 2) and float(result.image_maps.max()) == 1.0
+    result = model.explain(torch.randn(1, 3, size, size), ids)  # the model's default method
+    assert result.image_maps.shape[:2] == (1, 2) and bool(torch.isfinite(result.image_maps).all())
+    # (on noise, occlusion may find no window whose hiding lowers the score: an all-zero map is a valid answer)
+    assert 0.0 <= float(result.image_maps.min()) and float(result.image_maps.max()) <= 1.0
+    result = model.explain(torch.randn(1, 3, size, size), ids, method="attention")
+    assert float(result.image_maps.max()) == 1.0
     registry = sys.modules[type(model).__module__.rsplit(".", 1)[0] + ".explaining_clipviz"]
     for method in registry.methods_for(config.vision_config.backbone):
         model.explain(torch.randn(1, 3, size, size), ids, method=method.name)
