@@ -1217,8 +1217,9 @@ class CLIPVizExplainMixin:
                   Options: `head_fusion` (`"mean"`, `"max"`, `"min"`), `discard_ratio` (in [0, 1): the lowest
                   fraction of each fused image attention map is zeroed, never the class->class entry; the text
                   tower is rolled out without discarding). Rows are renormalized after adding the identity.
-                - `"relevance"` (the default unless the config names another, `config.explain_method`): Chefer et al. 2021 gradient x attention,
-                  `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y` the image-prompt logit; the image
+                - `"relevance"` (the default unless the config names another, `config.explain_method`): Chefer et
+                  al. 2021 gradient x attention, `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y`
+                  the image-prompt logit; the image
                   map is the class token's row, the text map the end-of-text token's row minus the identity.
                   Options: `start_layer` (ViT, first image layer used, default -1 = the last one, as Chefer's CLIP
                   code, and about the cost of a forward whatever the number of prompts; 0 uses every layer: sharper

@@ -5,7 +5,8 @@ mask, so for "a photo of a red circle" in a scene with a red circle, a green sta
 where each method's map peaks; and removing the cells a map ranks first should cost the prompt's logit most.
 Scenes come from ``EVAL_SEEDS``, a seed range training never draws from. Every method the model's explanation
 registry offers for its backbone is run (with its default options; ``--sweep`` adds every combination of first
-layer, target and occlusion window of the methods that take them), so a new method appears here without touching this script.
+layer, target and occlusion window of the methods that take them), so a new method appears here without touching
+this script.
 
 Metrics (multi-object scenes: one map per object, prompted with that object's caption; implemented once, in
 :mod:`clipviz.metrics`):
@@ -119,8 +120,8 @@ def registry_methods(loaded: Loaded) -> dict[str, object]:
 def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str, dict]]:
     """Rows to measure: label -> (method, options). The model's default (``config.explain_method`` with its
     options), every registry method with its defaults and, with ``sweep``, every combination of the values of the
-    options named in ``SWEPT_OPTIONS`` (image layers 0 .. layers - 1, a choice's every choice, the values in ``SWEPT_NUMBERS``), each labelled with
-    the options that differ from the method's defaults."""
+    options named in ``SWEPT_OPTIONS`` (image layers 0 .. layers - 1, a choice's every choice, the values in
+    ``SWEPT_NUMBERS``), each labelled with the options that differ from the method's defaults."""
     config = loaded.model.config
     default = dict(config.explain_options)
     variants = {label(config.explain_method, default): (config.explain_method, default)}
@@ -139,8 +140,8 @@ def method_variants(loaded: Loaded, sweep: bool = False) -> dict[str, tuple[str,
 
 
 def swept_values(loaded: Loaded, option, default: bool = False):
-    """Every value ``--sweep`` tries for ``option`` (an image layer or a choice), or with ``default`` its default
-    in the same form (a layer index made non-negative)."""
+    """Every value ``--sweep`` tries for ``option`` (an image layer, a choice, or a number of ``SWEPT_NUMBERS``), or
+    with ``default`` its default in the same form (a layer index made non-negative)."""
     if option.kind == "image_layer":
         return option.default % loaded.image_layers if default else range(loaded.image_layers)
     if option.kind == "choice":

@@ -708,7 +708,7 @@ def method_note(loaded: LoadedModel, method: str, resolved: dict | None = None, 
     entry = registry.EXPLAIN_METHODS.get(method)
     if entry is None:
         return ""
-    note = f"**{entry.title}**: {entry.how_to_read}\n\n*{entry.reference}*"
+    note = f"**{entry.title}**: {entry.how_to_read}\n\nCost: {entry.cost}.\n\n*{entry.reference}*"
     if is_default:
         declared = {o.name: o for o in entry.options}
         settings = ", ".join(

@@ -529,6 +529,7 @@ def test_every_method_has_its_registry_note(loaded):
         for entry in model.registry.methods_for(backbone):
             note = explainer.method_note(model, entry.name)
             assert note.startswith(f"**{entry.title}**: {entry.how_to_read}") and entry.reference in note
+            assert f"Cost: {entry.cost}." in note  # e.g. occlusion: one image-tower pass per window position
         assert explainer.method_note(model, "default").startswith("This model's default method")
     assert "class token" in explainer.method_note(loaded["vit"], "attention")
 
