@@ -362,7 +362,7 @@ def model_card(model, settings: TrainSettings, summary: dict) -> str:
     if vision.backbone == "vit":
         explain_note += (
             " Occlusion asks the model itself (49 image-tower passes per image); of the methods that read one pass,"
-            " LeGrad from block 1 localizes best here, `method=\"legrad\", start_layer=1`."
+            ' LeGrad from block 1 localizes best here, `method="legrad", start_layer=1`.'
         )
     else:
         explain_note += " The ResNet's map lives on its attention-pool grid (image size / 32 per side)."
