@@ -43,17 +43,18 @@ from clipviz.dataset_explain import decode_image, explain_dataset, load_input, p
 
 METHODS = ("attention", "rollout", "relevance", "relevance:start_layer=0", "gradcam")
 PROMPTS = list(scenes.all_captions()[:2])  # --prompts N: the first N scene captions
-# cost of each method as a multiple of a plain forward (bench_explain.py, ViT-B/16, 1 prompt, 2026-12-02; README)
+# cost of each method as a multiple of a plain forward (bench_explain.py, ViT-B/16, 1 prompt, 2026-12-03; README)
 COST_MULTIPLE = {
-    "attention": 1.01,
-    "rollout": 1.02,
-    "relevance": 1.08,
-    "relevance:start_layer=0": 2.19,
-    "gradcam": 1.25,
-    "legrad": 1.39,
-    "gem": 1.35,
-    "maskclip": 1.08,
-    "clearclip": 1.05,
+    "attention": 0.99,
+    "rollout": 1.00,
+    "relevance": 1.02,
+    "relevance:start_layer=0": 2.04,
+    "gradcam": 1.18,
+    "legrad": 1.30,
+    "gem": 1.21,
+    "maskclip": 1.05,
+    "clearclip": 1.00,
+    "occlusion": 166.06,
 }
 
 
@@ -216,6 +217,14 @@ def forward_flops(preset: str) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
+def occlusion_windows(preset: str, window: int = 2) -> int:
+    """Window positions occlusion hides one at a time on the preset's patch grid (its default 2-cell window)."""
+    from configuration_clipviz import CLIPVizConfig
+
+    vision = CLIPVizConfig.from_preset(preset).vision_config
+    return (vision.image_size // vision.patch_size - window + 1) ** 2
+
+
 def paper_estimate(images: float = 1e6, gpus: int = 8, peak: float = 312e12, utilization: float = 0.4) -> str:
     """Minutes to explain ``images`` on ``gpus`` GPUs of ``peak`` dense bf16 FLOP/s at ``utilization``, per method:
     per-image forward FLOPs (image tower + one 77-token prompt) times the method's cost multiple, and the images/s
@@ -227,7 +236,9 @@ def paper_estimate(images: float = 1e6, gpus: int = 8, peak: float = 312e12, uti
     for preset in ("ViT-B/16", "ViT-L/14"):
         image, text = forward_flops(preset)
         cells = []
-        for cost in COST_MULTIPLE.values():
+        for method, cost in COST_MULTIPLE.items():
+            if method == "occlusion":  # one image pass per window position: measured on ViT-B/16's grid
+                cost *= occlusion_windows(preset) / occlusion_windows("ViT-B/16")
             seconds = images * (image + text) * cost / (gpus * peak * utilization)
             cells.append(f"{seconds / 60:.1f} min ({images / seconds / gpus:.0f} img/s/GPU)")
         lines.append(f"| {preset} | {image / 1e9:.1f} + {text / 1e9:.1f} | " + " | ".join(cells) + " |")
