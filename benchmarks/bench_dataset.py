@@ -102,12 +102,13 @@ def dataset_rate(loaded, data: Path, method: str, batch: int, workdir: Path) -> 
     return dataset.num_rows / (time.perf_counter() - started)
 
 
-def loop_rate(loaded, data: Path, method: str, count: int) -> float:
-    """Images/s of the notebook loop: per image, the processor, then model.explain once per prompt."""
+def loop_rate(loaded, data: Path, method: str | None, count: int) -> float:
+    """Images/s of the notebook loop: per image, the processor, then once per prompt ``model.explain`` with
+    ``method`` (None: a plain forward, without gradients)."""
     import datasets
 
     model, processor = loaded
-    spec = parse_method(method)
+    spec = None if method is None else parse_method(method)
     rows = load_input(str(data)).select(range(count)).cast_column("image", datasets.Image(decode=False))
     started = time.perf_counter()
     for row in rows:
@@ -115,15 +116,19 @@ def loop_rate(loaded, data: Path, method: str, count: int) -> float:
         for prompt in PROMPTS:
             text = processor.tokenizer([prompt], return_tensors="pt")
             ids, mask = text["input_ids"], text["attention_mask"]
-            explained = model.explain(pixel_values, ids, mask, method=spec.name, **spec.options)
-            explained.image_maps.numpy()
+            if spec is None:
+                with torch.no_grad():
+                    model(input_ids=ids, attention_mask=mask, pixel_values=pixel_values)
+            else:
+                model.explain(pixel_values, ids, mask, method=spec.name, **spec.options).image_maps.numpy()
     return count / (time.perf_counter() - started)
 
 
 @torch.no_grad()
 def forward_rate(loaded, data: Path, batch: int) -> float:
     """Images/s of plain forwards in batches of ``batch`` images, the prompts' text features computed once: no
-    maps, no writing. With ``forward_loop_rate``, the ceiling of what batching can gain on this machine."""
+    maps, no writing. Against ``loop_rate(..., None, ...)``, the ceiling of what batching can gain on this
+    machine."""
     import datasets
 
     model, processor = loaded
@@ -135,22 +140,6 @@ def forward_rate(loaded, data: Path, batch: int) -> float:
         images = [decode_image(row["image"]) for row in rows.select(range(begin, min(begin + batch, rows.num_rows)))]
         model.get_image_features(processor(images=images, return_tensors="pt")["pixel_values"])
     return rows.num_rows / (time.perf_counter() - started)
-
-
-@torch.no_grad()
-def forward_loop_rate(loaded, data: Path, count: int) -> float:
-    """Images/s of the loop's plain forwards: per image, the processor, then one forward per prompt."""
-    import datasets
-
-    model, processor = loaded
-    rows = load_input(str(data)).select(range(count)).cast_column("image", datasets.Image(decode=False))
-    started = time.perf_counter()
-    for row in rows:
-        pixel_values = processor(images=decode_image(row["image"]), return_tensors="pt")["pixel_values"]
-        for prompt in PROMPTS:
-            ids = processor.tokenizer([prompt], return_tensors="pt")
-            model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pixel_values)
-    return count / (time.perf_counter() - started)
 
 
 def process_rates(model: Path, data: Path, method: str, batch: int, processes: int, workdir: Path) -> dict[str, float]:
@@ -284,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells = " | ".join(f"{r:.1f}" for r in rates)
                 print(f"| {method} | {cells} | {loop:.1f} | {rates[-1] / loop:.1f}x |", flush=True)
             rates = [forward_rate(loaded, data, batch) for batch in sizes]
-            loop = forward_loop_rate(loaded, data, min(args.loop_images, args.images))
+            loop = loop_rate(loaded, data, None, min(args.loop_images, args.images))
             cells = " | ".join(f"{r:.1f}" for r in rates)
             print(f"| plain forward, no maps (the ceiling) | {cells} | {loop:.1f} | {rates[-1] / loop:.1f}x |")
             if args.processes > 1:
