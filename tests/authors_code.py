@@ -2,10 +2,13 @@
 
 `legrad-torch` 1.1 (LeGrad) and `gem-torch` 1.0.1 (GEM) are wrappers around `open_clip_torch` 2.23; all three import
 torchvision at module level for image transforms only. The tests feed tensors, so a stand-in torchvision
-(`tests/torchvision_stub`) is put on `sys.path` just for the import and taken off again. The open_clip model (random
+(`tests/torchvision_stub`) is registered as `torchvision` in `sys.modules` just for the import (its submodules load
+through the package's own `__path__`; `sys.path` is never touched) and unregistered again. The open_clip model (random
 weights) goes through `clipviz-convert`'s open_clip path, so the clipviz side is exactly what a user converts.
 """
 
+import importlib.machinery
+import importlib.util
 import json
 import sys
 import warnings
@@ -25,9 +28,11 @@ EMBED_DIM = 32
 
 @cache
 def authors_packages() -> SimpleNamespace:
-    """`open_clip`, `legrad` and `gem`, imported with the torchvision stand-in (removed again afterwards)."""
-    sys.path.insert(0, str(STUB))
+    """`open_clip`, `legrad` and `gem`, imported with the torchvision stand-in (unregistered again afterwards)."""
+    spec = importlib.machinery.PathFinder.find_spec("torchvision", [str(STUB)])
+    sys.modules["torchvision"] = stand_in = importlib.util.module_from_spec(spec)
     try:
+        spec.loader.exec_module(stand_in)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation notices of timm and open_clip
             try:
@@ -41,7 +46,6 @@ def authors_packages() -> SimpleNamespace:
                     "plus einops, matplotlib, opencv-python-headless (see .ci/run)"
                 ) from error
     finally:
-        sys.path.remove(str(STUB))
         for name, module in list(sys.modules.items()):
             if str(getattr(module, "__file__", "") or "").startswith(str(STUB)):
                 del sys.modules[name]  # open_clip keeps its references; nothing else sees the stand-in
