@@ -254,19 +254,9 @@ def localization(
         for name, m in totals.items()
     }
     for name in names:
-        results[name]["del↓"] = relative_auc(curves[name]["deletion"], "deletion")
-        results[name]["ins↑"] = relative_auc(curves[name]["insertion"], "insertion")
+        results[name]["del↓"] = metrics.relative_auc(curves[name]["deletion"], "deletion")
+        results[name]["ins↑"] = metrics.relative_auc(curves[name]["insertion"], "insertion")
     return results
-
-
-def relative_auc(curves: list[np.ndarray], mode: str) -> float:
-    """Area under the mean curve on a scale where the intact image's logit is 1 and the all-removed image's 0
-    (NaN without curves). Averaging before rescaling keeps pairs whose two end points are close from blowing up."""
-    if not curves:
-        return float("nan")
-    mean = np.mean(curves, axis=0)  # [steps + 1]
-    full, empty = (mean[0], mean[-1]) if mode == "deletion" else (mean[-1], mean[0])
-    return float((metrics.curve_auc(mean) - empty) / (full - empty))
 
 
 def ranked(results: dict[str, dict[str, float]]) -> list[str]:

@@ -9,9 +9,11 @@ Per method (one table row each, also written as JSON):
   the threshold sweep (every ``mIoU@t`` in the JSON);
 - with a point column (OpenImagesV7-style ``{"y", "x", "positive"}`` points per prompt): ``p-mIoU`` at 0.5 and
   ``best p-mIoU`` over the sweep;
-- with ``--faithfulness``: ``deletion`` and ``insertion`` AUC of the prompt's logit (Petsiuk et al. 2018), the mean
-  over maps of the area under each curve; removed pixels take the processor's mean colour (zeros) in both curves, as
-  in ``benchmarks/eval_localization.py``. It runs the model again (``--steps + 1`` images per map).
+- with ``--faithfulness``: ``deletion`` and ``insertion`` AUC of the prompt's logit (Petsiuk et al. 2018): the area
+  under the method's mean curve, rescaled so that the intact image's logit is 1 and the all-removed image's 0
+  (lower is better for deletion, higher for insertion); removed pixels take the processor's mean colour (zeros) in
+  both curves. The same numbers as ``benchmarks/eval_localization.py``'s ``del↓`` / ``ins↑`` (one implementation,
+  ``metrics.relative_auc``). It runs the model again (``--steps + 1`` images per map).
 
 Every metric comes from :mod:`clipviz.metrics`, the code ``benchmarks/eval_localization.py`` uses. The dataset is
 the one recorded in the run's manifest unless another is given; rows are matched by their position.
@@ -70,6 +72,20 @@ def _points(value, count: int, row: int) -> list[list[tuple[float, float, bool]]
     return [[(p["y"], p["x"], bool(p["positive"])) for p in points] for points in per_prompt]
 
 
+class _MeanCurve:
+    """Running mean of deletion / insertion curves (memory bounded whatever the dataset size)."""
+
+    def __init__(self):
+        self.total, self.count = 0.0, 0
+
+    def add(self, curves: list[np.ndarray]) -> None:
+        for curve in curves:
+            self.total, self.count = self.total + np.asarray(curve, dtype=np.float64), self.count + 1
+
+    def mean(self) -> np.ndarray:
+        return self.total / self.count
+
+
 class _Faithfulness:
     """Deletion / insertion AUC of the prompt's logit: every curve of a row (methods x prompts x both modes) goes
     through the image tower in one batch."""
@@ -87,7 +103,7 @@ class _Faithfulness:
 
     def row(self, image_cell, prompts: list[str], maps: dict[str, list[np.ndarray]], chunk: int = 256) -> dict:
         """``maps[label][t]``: the map for prompt ``t``; returns ``{label: {"deletion": [...], "insertion": [...]}}``
-        (one AUC per prompt)."""
+        (one logit curve ``[steps + 1]`` per prompt)."""
         import torch
 
         pixel_values = self.processor.image_processor(images=[decode_image(image_cell)], return_tensors="pt")
@@ -112,7 +128,7 @@ class _Faithfulness:
             scores = (logits * text[prompt_of][:, None]).sum(-1).float().cpu().numpy()  # [C, K]
         out = {label: {mode: [] for mode in modes} for label in maps}
         for (label, _, mode), curve in zip(curves, scores, strict=True):
-            out[label][mode].append(metrics.curve_auc(curve))
+            out[label][mode].append(curve)
         return out
 
 
@@ -177,7 +193,7 @@ def evaluate(
     scene = {label: defaultdict(list) for label in labels}
     segmentation = {label: metrics.SegmentationTotals(thresholds) for label in labels}
     points = {label: metrics.PointTotals(thresholds) for label in labels}
-    curves = {label: defaultdict(list) for label in labels}
+    curves = {label: defaultdict(_MeanCurve) for label in labels}  # bounded: a running sum per method and mode
     counts = {"rows": 0, "maps": 0}
     for name in manifest["shards"]:
         wanted_columns = ["row", "prompt_index", "prompt", "method", "image_map", "image_height", "image_width"]
@@ -199,9 +215,9 @@ def evaluate(
             colors = record[color_column] if color_column else None
             if faithfulness:
                 maps_of = {label: [by_method[label][i][1] for i in sorted(by_method[label])] for label in labels}
-                for label, aucs in judge.row(record[settings["image_column"]], prompts, maps_of).items():
-                    for mode, values in aucs.items():
-                        curves[label][mode].extend(values)
+                for label, row_curves in judge.row(record[settings["image_column"]], prompts, maps_of).items():
+                    for mode, values in row_curves.items():
+                        curves[label][mode].add(values)
             counts["rows"] += 1
             for label in labels:
                 maps = [by_method[label][i][1] for i in sorted(by_method[label])]  # [prompts] x [gh, gw]
@@ -225,7 +241,7 @@ def evaluate(
             values.update(segmentation[label].result())
         if points_column:
             values.update(points[label].result())
-        values.update({metric: float(np.mean(v)) for metric, v in curves[label].items() if v})
+        values.update({mode: metrics.relative_auc([c.mean()], mode) for mode, c in curves[label].items() if c.count})
         results[label] = values
     return {
         "methods": results,

@@ -804,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="dataset configuration name (Hub datasets)")
     parser.add_argument("--revision", help="dataset revision (Hub datasets)")
     parser.add_argument("--streaming", action="store_true", help="stream the dataset instead of preparing it")
-    parser.add_argument("--image-column", default="image")
+    parser.add_argument("--image-column", default="image", help="the dataset's image column (default: image)")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", dest="prompts", help="a fixed prompt (repeat for several)")
     prompts.add_argument("--prompt-column", help="column with each row's prompt(s) or class label(s)")
@@ -816,7 +816,12 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="NAME or NAME:option=value,... (repeat for several), e.g. relevance:start_layer=0",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="images per explain call, every prompt of the batch at once (default 32)",
+    )
     parser.add_argument("--shard-rows", type=int, default=1024, help="rows per output shard (multiple of batch size)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--threads", type=int, help="torch CPU threads per process")

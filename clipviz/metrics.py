@@ -306,3 +306,14 @@ def curve_auc(curve: np.ndarray) -> float:
     """Trapezoidal area under a curve sampled at evenly spaced fractions of [0, 1]."""
     curve = np.asarray(curve, dtype=np.float64)
     return float(((curve[1:] + curve[:-1]) / 2).mean()) if curve.size > 1 else float(curve[0])
+
+
+def relative_auc(curves: list[np.ndarray], mode: str) -> float:
+    """Area under the mean of ``curves`` (deletion or insertion curves of one method) on a scale where the intact
+    image's score is 1 and the all-removed image's 0 (NaN without curves). Averaging before rescaling keeps curves
+    whose two end points are close from blowing up."""
+    if not curves:
+        return float("nan")
+    mean = np.mean(curves, axis=0)  # [steps + 1]
+    full, empty = (mean[0], mean[-1]) if mode == "deletion" else (mean[-1], mean[0])
+    return float((curve_auc(mean) - empty) / (full - empty))

@@ -354,6 +354,27 @@ def test_eval_reproduces_eval_localization(tmp_path, model_dir):
         assert 0 <= got["mIoU"] <= 1 and 0 <= got["p-mIoU"] <= 1 and 0 <= got["mAP"] <= 1
 
 
+@pytest.mark.parametrize("model_dir", [VIT, RESNET], ids=["vit", "resnet"])
+def test_eval_faithfulness_is_eval_localizations_del_and_ins(tmp_path, model_dir):
+    """Deletion / insertion: the same rescaled areas (intact logit 1, all removed 0) as the benchmark's del↓ / ins↑,
+    on 6 scenes, for the model's default method and raw attention."""
+    bench = load_benchmark()
+    loaded = bench.load(model_dir)
+    count, config = 6, loaded.model.config
+    methods = {"default": (config.explain_method, dict(config.explain_options)), "attention": ("attention", {})}
+    specs = [name + "".join(f":{k}={v}" for k, v in options.items()) for name, options in methods.values()]
+    rows = scenes.scene_dataset("eval", MULTI_START, count, size=loaded.size, min_objects=2)
+    explain_dataset(rows, tmp_path / "out", str(model_dir), specs, prompt_column="captions", batch_size=8,
+                    progress=False)  # fmt: skip
+    report = evaluate(str(tmp_path / "out"), rows, faithfulness=True, steps=8)
+    expected = bench.localization(loaded, count, methods, faithfulness=count, steps=8)
+    for title, spec in zip(methods, specs, strict=True):
+        got, want = report["methods"][spec], expected[title]
+        # float16 maps may reorder near-equal pixels; the processor and the benchmark's pixels differ by rounding
+        assert got["deletion"] == pytest.approx(want["del↓"], abs=0.02), (title, got, want)
+        assert got["insertion"] == pytest.approx(want["ins↑"], abs=0.02), (title, got, want)
+
+
 def test_eval_cli_table_json_and_faithfulness(reference, tmp_path, capsys):
     report_path = tmp_path / "eval.json"
     assert eval_main([str(reference), "--json", str(report_path), "--faithfulness", "--steps", "2"]) == 0
