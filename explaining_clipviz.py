@@ -583,6 +583,12 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
+def _cosines(features: torch.Tensor, other_unit: torch.Tensor) -> torch.Tensor:
+    """Cosines `[B, K]` of features `[B, P]` with unit vectors `[K, P]`, in float32 (differences of a few 1e-3, as
+    occlusion's drops, would vanish in fp16/bf16 rounding)."""
+    return _unit(features.float()) @ other_unit.float().t()
+
+
 def _min_max(maps: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """Each map (over `dims`) shifted and scaled to [0, 1], as the methods' authors show them; flat maps become 0."""
     low, high = maps.amin(dim=dims, keepdim=True), maps.amax(dim=dims, keepdim=True)
@@ -626,7 +632,7 @@ def _encode_for_dense_maps(model, inputs: ExplainInputs, first: int) -> list:
 def _dense_maps(features: torch.Tensor, inputs: ExplainInputs) -> torch.Tensor:
     """Cosine of each grid cell's projected feature `[I, gh*gw, P]` with each prompt, min-max scaled per map:
     `[I, T, gh, gw]`."""
-    similarity = _unit(features.float()) @ inputs.text_unit.float().t()  # [I, gh*gw, T]
+    similarity = _cosines(features, inputs.text_unit)  # [I, gh*gw, T]
     return _to_grid(_min_max(similarity.transpose(1, 2), dims=(-1,)), inputs)
 
 
@@ -806,7 +812,8 @@ def occlusion_maps(model, inputs: ExplainInputs, options: dict):
     """Occlusion: the drop of each image-prompt cosine when a window of grid cells is set to the dataset mean
     (zero after normalization), and when one prompt token is deleted."""
     encode(model, inputs, image_attentions=False, image_hidden_states=False, text_attentions=False)
-    return _occlusion_image(model, inputs, options["window"]), _occlusion_text(model, inputs)
+    base = _cosines(inputs.image_features, inputs.text_unit)  # [I, T]: the intact pairs
+    return _occlusion_image(model, inputs, base, options["window"]), _occlusion_text(model, inputs, base)
 
 
 def _cell_edges(size: int, cells: int) -> list[int]:
@@ -814,21 +821,14 @@ def _cell_edges(size: int, cells: int) -> list[int]:
     return [index * size // cells for index in range(cells + 1)]
 
 
-def _cosines(features: torch.Tensor, other_unit: torch.Tensor) -> torch.Tensor:
-    """Cosines `[B, K]` of features `[B, P]` with unit vectors `[K, P]`, in float32 (drops of a few 1e-3 would
-    vanish in fp16/bf16 rounding)."""
-    return _unit(features.float()) @ other_unit.float().t()
-
-
-def _occlusion_image(model, inputs: ExplainInputs, window: int) -> torch.Tensor:
-    """`[I, T, gh, gw]`: each cell's mean cosine drop over the square windows of `window` cells (slid one cell at a
-    time, at most the grid's side minus one cell) that cover it."""
+def _occlusion_image(model, inputs: ExplainInputs, base: torch.Tensor, window: int) -> torch.Tensor:
+    """`[I, T, gh, gw]`: each cell's mean drop from the intact cosines `base` `[I, T]` over the square windows of
+    `window` cells (slid one cell at a time, at most the grid's side minus one cell) that cover it."""
     images, (grid_h, grid_w) = inputs.pixel_values, inputs.grid
     win_h, win_w = min(window, max(1, grid_h - 1)), min(window, max(1, grid_w - 1))
     rows, cols = _cell_edges(images.shape[-2], grid_h), _cell_edges(images.shape[-1], grid_w)
     corners = [(y, x) for y in range(grid_h - win_h + 1) for x in range(grid_w - win_w + 1)]
     pairs = [(i, y, x) for y, x in corners for i in range(images.shape[0])]  # every image x window position
-    base = _cosines(inputs.image_features, inputs.text_unit)  # [I, T]
     drops = base.new_zeros(*base.shape, grid_h, grid_w)  # [I, T, gh, gw]
     covered = base.new_zeros(grid_h, grid_w)  # [gh, gw]
     for y, x in corners:
@@ -845,8 +845,8 @@ def _occlusion_image(model, inputs: ExplainInputs, window: int) -> torch.Tensor:
     return drops / covered
 
 
-def _occlusion_text(model, inputs: ExplainInputs) -> torch.Tensor:
-    """`[I, T, L]`: the cosine drop when one token between the start and the end-of-text token is deleted (the
+def _occlusion_text(model, inputs: ExplainInputs, base: torch.Tensor) -> torch.Tensor:
+    """`[I, T, L]`: the drop from the intact cosines `base` `[I, T]` when one token between the start and the end-of-text token is deleted (the
     rest shifts left and the last position repeats, masked out; the length stays); start, end-of-text and padding
     stay 0."""
     ids = inputs.input_ids
@@ -854,7 +854,6 @@ def _occlusion_text(model, inputs: ExplainInputs) -> torch.Tensor:
     eot = ids.argmax(dim=-1).tolist()  # OpenAI's rule: the end-of-text token has the largest id
     pairs = [(t, j) for t in range(ids.shape[0]) for j in range(1, eot[t])]  # every word of every prompt
     maps = torch.zeros(inputs.image_unit.shape[0], *ids.shape, dtype=torch.float32, device=ids.device)  # [I, T, L]
-    base = _cosines(inputs.image_features, inputs.text_unit)  # [I, T]
     positions = torch.arange(ids.shape[1], device=ids.device)  # [L]
     for begin in range(0, len(pairs), OCCLUSION_CHUNK):
         texts, deleted = torch.tensor(pairs[begin : begin + OCCLUSION_CHUNK], device=ids.device).unbind(dim=1)  # [V]
@@ -1219,8 +1218,8 @@ class CLIPVizExplainMixin:
                   tower is rolled out without discarding). Rows are renormalized after adding the identity.
                 - `"relevance"` (the default unless the config names another, `config.explain_method`): Chefer et
                   al. 2021 gradient x attention, `R <- R + mean_h ReLU(dy/dA * A) R` from the identity, with `y`
-                  the image-prompt logit; the image
-                  map is the class token's row, the text map the end-of-text token's row minus the identity.
+                  the image-prompt logit; the image map is the class token's row, the text map the end-of-text
+                  token's row minus the identity.
                   Options: `start_layer` (ViT, first image layer used, default -1 = the last one, as Chefer's CLIP
                   code, and about the cost of a forward whatever the number of prompts; 0 uses every layer: sharper
                   on small models, but a backward through the whole image tower, batched over the prompts in one

@@ -206,10 +206,12 @@ def forward_flops(preset: str) -> tuple[int, int]:
     return counts[0], counts[1]
 
 
-def occlusion_windows(preset: str, window: int = 2) -> int:
-    """Window positions occlusion hides one at a time on the preset's patch grid (its default 2-cell window)."""
+def occlusion_windows(preset: str) -> int:
+    """Window positions occlusion hides one at a time on the preset's patch grid (its registry default window)."""
     from configuration_clipviz import CLIPVizConfig
+    from explaining_clipviz import EXPLAIN_METHODS
 
+    window = next(o.default for o in EXPLAIN_METHODS["occlusion"].options if o.name == "window")
     vision = CLIPVizConfig.from_preset(preset).vision_config
     return (vision.image_size // vision.patch_size - window + 1) ** 2
 
